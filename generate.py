@@ -1,0 +1,271 @@
+"""Generate text with a static KV cache (fp16 or KIVI).
+
+    python generate.py [--checkpoint NAME|PATH] [--kv fp16|kivi2|kivi4|k4v2 ...] [--prompt TEXT]
+
+Each sequence of the batch owns one cache slot. Prompts are prefilled (in full precision,
+one forward per prompt length), then every decode step feeds one token per slot at that
+slot's own position. On CUDA the decode step is compiled with
+torch.compile(mode="reduce-overhead", fullgraph=True): one CUDA graph per batch size.
+Sampling runs on the device; the host looks at the tokens only every `SYNC_EVERY` steps
+(to stop once every sequence has ended).
+"""
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kivi_cache import cache_bytes, check_kivi_config, make_cache, parse_kv_mode
+from model import Transformer
+
+SYNC_EVERY = 32
+PREFILL_TOKENS = 16384  # prompts per prefill forward are capped so activations stay small
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+
+    def check(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class CacheConfig:
+    kv: str = "fp16"
+    group_size: int = 32
+    residual_len: int = 128
+    n_sink: int = 0
+
+    def check(self, head_dim: int) -> None:
+        bits = parse_kv_mode(self.kv)
+        if bits is not None:
+            check_kivi_config(head_dim, *bits, self.group_size, self.residual_len, self.n_sink)
+
+    def slot_bytes(self, model: Transformer, max_seq_len: int, dtype: torch.dtype) -> int:
+        """Bytes one cache slot takes over all layers."""
+        a = model.args
+        one = cache_bytes(self.kv, a.n_kv_heads, a.head_dim, max_seq_len, dtype,
+                          self.group_size, self.residual_len, self.n_sink)
+        return a.n_layers * one
+
+
+def sample(logits: Tensor, s: Sampling) -> Tensor:
+    """logits [B, V] float32 -> next tokens [B], without a host sync."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    # Exponential race: argmax(p / E), E ~ Exp(1), samples from p without a sync.
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+
+
+def decode_step(model: Transformer, tokens: Tensor, input_pos: Tensor, s: Sampling) -> Tensor:
+    """tokens [B, 1] at positions input_pos [B] -> next tokens [B]."""
+    return sample(model(tokens, input_pos=input_pos)[:, -1], s)
+
+
+def setup_caches(model: Transformer, cache: CacheConfig, batch_size: int, max_seq_len: int) -> None:
+    """Give the model caches for batch_size slots of max_seq_len tokens, reusing the
+    current ones when they are the same (a compiled step keeps its CUDA graph)."""
+    if getattr(model, "cache_setup", None) == (cache, batch_size, max_seq_len):
+        return
+    model.cache_setup = (cache, batch_size, max_seq_len)
+    a, p = model.args, model.tok_embeddings.weight
+    model.set_caches(lambda: make_cache(cache.kv, batch_size, a.n_kv_heads, a.head_dim, max_seq_len, p.dtype,
+                                        p.device, cache.group_size, cache.residual_len, cache.n_sink))
+
+
+def prefill(model: Transformer, prompts: list[list[int]], slots: list[int], s: Sampling) -> Tensor:
+    """Prefill each prompt into its slot (prompts of one length together, PREFILL_TOKENS
+    at most a forward); returns the first sampled token of each [len(prompts)]."""
+    device = model.tok_embeddings.weight.device
+    first = torch.empty(len(prompts), dtype=torch.long, device=device)
+    for length in sorted({len(p) for p in prompts}):
+        same = [i for i, p in enumerate(prompts) if len(p) == length]
+        per_forward = max(1, PREFILL_TOKENS // length)
+        for j in range(0, len(same), per_forward):
+            idx = same[j : j + per_forward]
+            tokens = torch.tensor([prompts[i] for i in idx], device=device)
+            slot_idx = torch.tensor([slots[i] for i in idx], device=device)
+            logits = model(tokens, slots=slot_idx, last_only=True)[:, -1]
+            first[torch.tensor(idx, device=device)] = sample(logits, s)
+    return first
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
+             cache: CacheConfig, eos_ids: set[int] = frozenset(), step=decode_step) -> tuple[list[list[int]], dict]:
+    """Generate up to max_new_tokens after each prompt (one cache slot each), stopping a
+    sequence at an EOS token (kept in the output). Returns the new tokens per prompt and
+    timings. `step` is decode_step, or its compiled version."""
+    device = model.tok_embeddings.weight.device
+    B = len(prompts)
+    max_seq_len = max(len(p) for p in prompts) + max_new_tokens
+    setup_caches(model, cache, B, max_seq_len)
+    sync(device)
+    t0 = time.perf_counter()
+    tokens = prefill(model, prompts, list(range(B)), sampling)  # [B]
+    sync(device)
+    t_prefill = time.perf_counter() - t0
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    out[:, 0] = tokens
+    input_pos = torch.tensor([len(p) for p in prompts], device=device)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    done = torch.isin(tokens, eos)
+    n_steps = 1
+    t0 = time.perf_counter()
+    while n_steps < max_new_tokens:
+        tokens = step(model, out[:, n_steps - 1 : n_steps], input_pos, sampling)
+        out[:, n_steps] = tokens
+        done |= torch.isin(tokens, eos)
+        input_pos += 1
+        n_steps += 1
+        if n_steps % SYNC_EVERY == 0 and bool(done.all()):
+            break
+    sync(device)
+    t_decode = time.perf_counter() - t0
+    results = []
+    for row in out[:, :n_steps].tolist():
+        ends = [i for i, t in enumerate(row) if t in eos_ids]
+        results.append(row[: ends[0] + 1] if ends else row)
+    stats = {"prefill_s": t_prefill, "decode_s": t_decode, "decode_steps": n_steps - 1,
+             "decode_tokens_per_s": B * (n_steps - 1) / max(t_decode, 1e-9)}
+    return results, stats
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="a name under checkpoints/ or a path (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--kv", default="fp16", help="cache mode: fp16, kivi2, kivi4, k{2,4}v{2,4}")
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--residual-length", type=int, default=128)
+    p.add_argument("--sink-tokens", type=int, default=0)
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="The key to a good night's sleep is")
+    prompt.add_argument("--prompt-file", type=Path)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step (default: on for CUDA, off for CPU)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from checkpoint import load_checkpoint, resolve_checkpoint
+    from model import build_model
+    from tokenizer import load_tokenizer
+
+    args = parse_args(argv)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    sampling.check()
+    cache = CacheConfig(args.kv, args.group_size, args.residual_length, args.sink_tokens)
+    parse_kv_mode(args.kv)
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ValueError("--batch-size and --max-new-tokens must be at least 1")
+    text = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else args.prompt
+    if not text.strip():
+        raise ValueError("the prompt is empty")
+
+    path = resolve_checkpoint(args.checkpoint)
+    model_args, state_dict = load_checkpoint(path, device, dtype)
+    tokenizer = load_tokenizer(path)
+    cache.check(model_args.head_dim)
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    prompt = tokenizer.encode(text, bos=True)
+    total = len(prompt) + args.max_new_tokens
+    if total > model_args.max_seq_len:
+        raise ValueError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} = {total} "
+                         f"exceeds the model's context of {model_args.max_seq_len} tokens")
+    model = build_model(model_args, state_dict, device, dtype)
+    del state_dict
+    check_fits(model, cache, args.batch_size, total, device, dtype)
+
+    torch.manual_seed(args.seed)
+    step = decode_step
+    if args.compile if args.compile is not None else device.type == "cuda":
+        step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    outputs, stats = generate(model, [prompt] * args.batch_size, args.max_new_tokens, sampling, cache,
+                              tokenizer.eos_ids, step)
+    for i, new in enumerate(outputs):
+        if args.batch_size > 1:
+            print(f"--- sequence {i}")
+        print(text + tokenizer.decode(new))
+    kv = cache.slot_bytes(model, total, dtype) * args.batch_size
+    fp = CacheConfig("fp16").slot_bytes(model, total, dtype) * args.batch_size
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    a = model.args
+    per_token = cache_bytes(args.kv, a.n_kv_heads, a.head_dim, 1024 * args.group_size, dtype,
+                            args.group_size, 0, 0) * a.n_layers / (1024 * args.group_size)
+    fp_per_token = cache_bytes("fp16", a.n_kv_heads, a.head_dim, 1, dtype) * a.n_layers
+    print(f"\nprefill: {stats['prefill_s'] * 1000:.1f} ms for {args.batch_size} x {len(prompt)} tokens", file=sys.stderr)
+    print(f"decode: {stats['decode_tokens_per_s']:.1f} tokens/s ({stats['decode_steps']} steps, batch {args.batch_size})",
+          file=sys.stderr)
+    print(f"kv cache ({args.kv}): {kv / 1e6:.1f} MB allocated for {args.batch_size} x {total} tokens "
+          f"({per_token:.0f} B/token, {fp_per_token / per_token:.2f}x smaller than fp16; fp16 would be {fp / 1e6:.1f} MB)",
+          file=sys.stderr)
+    print(f"peak memory: {peak:.2f} GB" if device.type == "cuda" else "peak memory: n/a on CPU", file=sys.stderr)
+
+
+def check_fits(model: Transformer, cache: CacheConfig, batch_size: int, max_seq_len: int,
+               device: torch.device, dtype: torch.dtype) -> None:
+    if device.type != "cuda":
+        return
+    need = cache.slot_bytes(model, max_seq_len, dtype) * batch_size
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise ValueError(f"--batch-size {batch_size} at {max_seq_len} tokens needs {need / 1e9:.1f} GB of "
+                         f"{cache.kv} cache, only {free / 1e9:.1f} GB free")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

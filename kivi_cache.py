@@ -1,0 +1,189 @@
+"""Static, preallocated KV caches: the plain fp cache and the KIVI cache.
+
+Both are nn.Modules whose buffers are allocated once for `max_batch` slots of
+`max_seq_len` tokens and only ever written in place, so a decode step that uses them can be
+captured in a CUDA graph. Every slot has its own length; the decode step receives the
+position of each slot's new token as a device tensor `input_pos` [B] and derives every
+other per-slot quantity from it.
+
+KIVI cache (DESIGN §2), per layer and slot:
+  - positions [0, n_q) live in the packed store: keys per-channel (groups of G tokens of
+    one channel), values per-token (groups of G channels), at `bits_k` / `bits_v` bits;
+  - positions [n_q, length) live in a circular residual ring of R tokens, in the model
+    dtype, token p at ring index p % R;
+  - optionally the first S "sink" tokens also stay in a small fp buffer for good, and
+    attention reads them from there.
+Flush rule: when an append fills the ring (length - n_q == R), the oldest G ring tokens
+are quantized, so n_q advances by G and the ring keeps the newest R - G .. R - 1 tokens.
+n_q is therefore a function of the length alone:
+    n_q(length) = 0 if length < R else G * ((length - R) // G + 1)
+and prefill of a T-token prompt leaves exactly the state T decode appends would: its first
+n_q(T) tokens are quantized straight into the packed store, the rest go to the ring.
+"""
+
+import torch
+from torch import Tensor, nn
+
+import kernels  # noqa: F401  registers torch.ops.kivi
+from kernels.reference import hide_sinks
+from quantize_kv import check_bits, quantize_keys, quantize_values
+
+
+def n_quantized(lengths: Tensor, residual_len: int, group_size: int) -> Tensor:
+    """Tokens of each slot held in the packed store, for slot lengths [B] (see the top)."""
+    full = (lengths - residual_len).clamp(min=-group_size) // group_size + 1
+    return (group_size * full).clamp(min=0).to(torch.int32)
+
+
+def parse_kv_mode(mode: str) -> tuple[int, int] | None:
+    """'fp16' -> None; 'kivi2' -> (2, 2); 'kivi4' -> (4, 4); 'k4v2' -> (4, 2)."""
+    mode = mode.lower()
+    if mode in ("fp16", "fp", "bf16"):
+        return None
+    if mode in ("kivi2", "kivi4"):
+        return int(mode[-1]), int(mode[-1])
+    if len(mode) == 4 and mode[0] == "k" and mode[2] == "v" and mode[1] in "24" and mode[3] in "24":
+        return int(mode[1]), int(mode[3])
+    raise ValueError(f"unknown --kv mode '{mode}': use fp16, kivi2, kivi4 or k{{2,4}}v{{2,4}} (e.g. k4v2)")
+
+
+class StaticCache(nn.Module):
+    """Plain cache: k_cache, v_cache [max_batch, kv_heads, max_seq_len, head_dim]."""
+
+    def __init__(self, max_batch: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device))
+        # The attention op reads a plain cache as a ring of R = max_seq_len with nothing quantized.
+        self.register_buffer("empty", torch.zeros(max_batch, n_kv_heads, 0, head_dim, dtype=dtype, device=device))
+        self.register_buffer("empty_codes", torch.zeros(max_batch, n_kv_heads, 0, head_dim, dtype=torch.int32, device=device))
+
+    def prefill(self, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        T = k.shape[2]
+        self.k_cache[slots, :, :T] = k
+        self.v_cache[slots, :, :T] = v
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        rows = torch.arange(q.shape[0], device=q.device)
+        self.k_cache[rows, :, input_pos] = k
+        self.v_cache[rows, :, input_pos] = v
+        lengths = (input_pos + 1).to(torch.int32)
+        e, c = self.empty, self.empty_codes
+        return torch.ops.kivi.decode_attention(
+            q, self.k_cache, self.v_cache, e, e, c, e, e, c, e, e,
+            lengths, torch.zeros_like(lengths), 2, 2, 32, q.shape[-1] ** -0.5,
+        )
+
+
+class KiviCache(nn.Module):
+    def __init__(self, max_batch: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
+                 bits_k: int, bits_v: int, group_size: int = 32, residual_len: int = 128, n_sink: int = 0,
+                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
+        super().__init__()
+        check_kivi_config(head_dim, bits_k, bits_v, group_size, residual_len, n_sink)
+        self.bits_k, self.bits_v, self.group_size = bits_k, bits_v, group_size
+        self.residual_len, self.n_sink = residual_len, n_sink
+        G, R, B, H, D = group_size, residual_len, max_batch, n_kv_heads, head_dim
+        L = -(-max_seq_len // G) * G  # whole groups
+
+        def buf(name: str, *shape: int, dtype: torch.dtype = dtype) -> None:
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+
+        buf("k_packed", B, H, L * bits_k // 32, D, dtype=torch.int32)
+        buf("k_scale", B, H, L // G, D)
+        buf("k_min", B, H, L // G, D)
+        buf("v_packed", B, H, L, D * bits_v // 32, dtype=torch.int32)
+        buf("v_scale", B, H, L, D // G)
+        buf("v_min", B, H, L, D // G)
+        buf("k_ring", B, H, R, D)
+        buf("v_ring", B, H, R, D)
+        buf("k_sink", B, H, n_sink, D)
+        buf("v_sink", B, H, n_sink, D)
+
+    def prefill(self, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """k, v [n, H, T, D]: positions 0..T-1 of the n slots (see the flush rule at the top)."""
+        T = k.shape[2]
+        G, R, S = self.group_size, self.residual_len, self.n_sink
+        n_q = 0 if T < R else G * ((T - R) // G + 1)
+        if S > 0:
+            self.k_sink[slots, :, : min(S, T)] = k[:, :, :S]
+            self.v_sink[slots, :, : min(S, T)] = v[:, :, :S]
+        if n_q > 0:
+            first = torch.zeros(k.shape[0], dtype=torch.long, device=k.device)
+            kp, ks, km = quantize_keys(hide_sinks(k[:, :, :n_q], first, S), self.bits_k, G)
+            vp, vs, vm = quantize_values(v[:, :, :n_q], self.bits_v, G)
+            self.k_packed[slots, :, : kp.shape[2]] = kp
+            self.k_scale[slots, :, : n_q // G] = ks
+            self.k_min[slots, :, : n_q // G] = km
+            self.v_packed[slots, :, :n_q] = vp
+            self.v_scale[slots, :, :n_q] = vs
+            self.v_min[slots, :, :n_q] = vm
+        ring_idx = torch.arange(n_q, T, device=k.device) % R
+        self.k_ring[slots[:, None], :, ring_idx] = k[:, :, n_q:].transpose(1, 2)
+        self.v_ring[slots[:, None], :, ring_idx] = v[:, :, n_q:].transpose(1, 2)
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        """Append k, v [B, H, D] at input_pos [B], flush full rings, attend q [B, Hq, D]."""
+        rows = torch.arange(q.shape[0], device=q.device)
+        self.k_ring[rows, :, input_pos % self.residual_len] = k
+        self.v_ring[rows, :, input_pos % self.residual_len] = v
+        if self.n_sink > 0:  # branch-free: slots past their sinks rewrite a sink unchanged
+            sink_idx = input_pos.clamp(max=self.n_sink - 1)
+            is_sink = (input_pos < self.n_sink)[:, None, None]
+            self.k_sink[rows, :, sink_idx] = torch.where(is_sink, k, self.k_sink[rows, :, sink_idx])
+            self.v_sink[rows, :, sink_idx] = torch.where(is_sink, v, self.v_sink[rows, :, sink_idx])
+        lengths = (input_pos + 1).to(torch.int32)
+        torch.ops.kivi.flush(
+            self.k_ring, self.v_ring, self.k_packed, self.k_scale, self.k_min, self.v_packed, self.v_scale,
+            self.v_min, lengths, self.bits_k, self.bits_v, self.group_size, self.n_sink,
+        )
+        return torch.ops.kivi.decode_attention(
+            q, self.k_ring, self.v_ring, self.k_sink, self.v_sink, self.k_packed, self.k_scale, self.k_min,
+            self.v_packed, self.v_scale, self.v_min, lengths, n_quantized(lengths, self.residual_len, self.group_size),
+            self.bits_k, self.bits_v, self.group_size, q.shape[-1] ** -0.5,
+        )
+
+
+def check_kivi_config(head_dim: int, bits_k: int, bits_v: int, group_size: int, residual_len: int, n_sink: int) -> None:
+    """One clear error for each configuration the KIVI cache cannot hold."""
+    check_bits(bits_k)
+    check_bits(bits_v)
+    if group_size <= 0 or residual_len <= 0:
+        raise ValueError(f"group size {group_size} and residual length {residual_len} must be positive")
+    if residual_len % group_size != 0:
+        raise ValueError(f"residual length {residual_len} is not a multiple of the group size {group_size}")
+    if head_dim % group_size != 0:
+        raise ValueError(f"head_dim {head_dim} is not a multiple of the group size {group_size}")
+    for bits in (bits_k, bits_v):
+        if group_size % (32 // bits) != 0 or head_dim % (32 // bits) != 0:
+            raise ValueError(f"group size {group_size} and head_dim {head_dim} must be multiples of "
+                             f"{32 // bits} (codes per int32 word at {bits} bits)")
+    if not 0 <= n_sink < group_size:
+        raise ValueError(f"sink tokens {n_sink} must be in [0, group size {group_size})")
+
+
+def cache_bytes(kv_mode: str, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype,
+                group_size: int = 32, residual_len: int = 128, n_sink: int = 0) -> int:
+    """Bytes one slot of one layer's cache allocates (exactly what the buffers above hold)."""
+    el = torch.empty(0, dtype=dtype).element_size()
+    H, D = n_kv_heads, head_dim
+    bits = parse_kv_mode(kv_mode)
+    if bits is None:
+        return 2 * H * max_seq_len * D * el
+    bits_k, bits_v = bits
+    G = group_size
+    L = -(-max_seq_len // G) * G
+    codes = H * L * D * (bits_k + bits_v) // 32 * 4
+    stats = 2 * H * L // G * D * el + 2 * H * L * D // G * el
+    return codes + stats + 2 * H * (residual_len + n_sink) * D * el
+
+
+def make_cache(kv_mode: str, max_batch: int, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype,
+               device: torch.device | str, group_size: int = 32, residual_len: int = 128, n_sink: int = 0) -> nn.Module:
+    """The cache of one layer for a --kv mode."""
+    bits = parse_kv_mode(kv_mode)
+    if bits is None:
+        return StaticCache(max_batch, n_kv_heads, head_dim, max_seq_len, dtype, device)
+    return KiviCache(max_batch, n_kv_heads, head_dim, max_seq_len, *bits, group_size, residual_len, n_sink, dtype, device)
