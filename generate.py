@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kivi_cache import cache_bytes, check_kivi_config, make_cache, parse_kv_mode
+from kivi_cache import CacheConfig, parse_kv_mode
 from model import Transformer
+from planner import PREFILL_TOKENS, cache_slot_bytes, device_budget, max_batch_size
 
 SYNC_EVERY = 32
-PREFILL_TOKENS = 16384  # prompts per prefill forward are capped so activations stay small
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -40,26 +40,6 @@ class Sampling:
             raise ValueError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class CacheConfig:
-    kv: str = "fp16"
-    group_size: int = 32
-    residual_len: int = 128
-    n_sink: int = 0
-
-    def check(self, head_dim: int) -> None:
-        bits = parse_kv_mode(self.kv)
-        if bits is not None:
-            check_kivi_config(head_dim, *bits, self.group_size, self.residual_len, self.n_sink)
-
-    def slot_bytes(self, model: Transformer, max_seq_len: int, dtype: torch.dtype) -> int:
-        """Bytes one cache slot takes over all layers."""
-        a = model.args
-        one = cache_bytes(self.kv, a.n_kv_heads, a.head_dim, max_seq_len, dtype,
-                          self.group_size, self.residual_len, self.n_sink)
-        return a.n_layers * one
 
 
 def sample(logits: Tensor, s: Sampling) -> Tensor:
@@ -92,8 +72,7 @@ def setup_caches(model: Transformer, cache: CacheConfig, batch_size: int, max_se
         return
     model.cache_setup = (cache, batch_size, max_seq_len)
     a, p = model.args, model.tok_embeddings.weight
-    model.set_caches(lambda: make_cache(cache.kv, batch_size, a.n_kv_heads, a.head_dim, max_seq_len, p.dtype,
-                                        p.device, cache.group_size, cache.residual_len, cache.n_sink))
+    model.set_caches(lambda: cache.make(batch_size, a.n_kv_heads, a.head_dim, max_seq_len, p.dtype, p.device))
 
 
 def prefill(model: Transformer, prompts: list[list[int]], slots: list[int], s: Sampling) -> Tensor:
@@ -178,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prompt.add_argument("--prompt", default="The key to a good night's sleep is")
     prompt.add_argument("--prompt-file", type=Path)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=parse_batch_size, default=1, help="a number, or auto: the largest that fits")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=200)
@@ -189,6 +168,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (default: on for CUDA, off for CPU)")
     return p.parse_args(argv)
+
+
+def parse_batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got '{value}'")
+    return int(value)
+
+
+def plan_batch_size(requested: int | str, model_args, cache: CacheConfig, seq_len: int,
+                    device: torch.device, dtype: torch.dtype) -> int:
+    """The batch to run: 'auto' asks the planner for the largest that fits; a number is
+    checked against the planner so that one that cannot fit fails before anything runs."""
+    fits = max_batch_size(model_args, cache, seq_len, dtype, device_budget(device))
+    if requested == "auto":
+        if fits < 1:
+            raise ValueError(f"not even one sequence of {seq_len} tokens fits with the {cache.kv} cache")
+        return fits
+    if requested > fits:
+        raise ValueError(f"--batch-size {requested} at {seq_len} tokens does not fit with the {cache.kv} cache "
+                         f"(the planner allows at most {fits}; try --batch-size auto)")
+    return requested
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,8 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     parse_kv_mode(args.kv)
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise ValueError("--batch-size and --max-new-tokens must be at least 1")
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be at least 1")
     text = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else args.prompt
     if not text.strip():
         raise ValueError("the prompt is empty")
@@ -220,9 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     if total > model_args.max_seq_len:
         raise ValueError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} = {total} "
                          f"exceeds the model's context of {model_args.max_seq_len} tokens")
+    batch_size = plan_batch_size(args.batch_size, model_args, cache, total, device, dtype)
     model = build_model(model_args, state_dict, device, dtype)
     del state_dict
-    check_fits(model, cache, args.batch_size, total, device, dtype)
 
     torch.manual_seed(args.seed)
     step = decode_step
@@ -230,37 +232,21 @@ def main(argv: list[str] | None = None) -> None:
         step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    outputs, stats = generate(model, [prompt] * args.batch_size, args.max_new_tokens, sampling, cache,
+    outputs, stats = generate(model, [prompt] * batch_size, args.max_new_tokens, sampling, cache,
                               tokenizer.eos_ids, step)
     for i, new in enumerate(outputs):
-        if args.batch_size > 1:
+        if batch_size > 1:
             print(f"--- sequence {i}")
         print(text + tokenizer.decode(new))
-    kv = cache.slot_bytes(model, total, dtype) * args.batch_size
-    fp = CacheConfig("fp16").slot_bytes(model, total, dtype) * args.batch_size
-    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
-    a = model.args
-    per_token = cache_bytes(args.kv, a.n_kv_heads, a.head_dim, 1024 * args.group_size, dtype,
-                            args.group_size, 0, 0) * a.n_layers / (1024 * args.group_size)
-    fp_per_token = cache_bytes("fp16", a.n_kv_heads, a.head_dim, 1, dtype) * a.n_layers
-    print(f"\nprefill: {stats['prefill_s'] * 1000:.1f} ms for {args.batch_size} x {len(prompt)} tokens", file=sys.stderr)
-    print(f"decode: {stats['decode_tokens_per_s']:.1f} tokens/s ({stats['decode_steps']} steps, batch {args.batch_size})",
-          file=sys.stderr)
-    print(f"kv cache ({args.kv}): {kv / 1e6:.1f} MB allocated for {args.batch_size} x {total} tokens "
-          f"({per_token:.0f} B/token, {fp_per_token / per_token:.2f}x smaller than fp16; fp16 would be {fp / 1e6:.1f} MB)",
-          file=sys.stderr)
-    print(f"peak memory: {peak:.2f} GB" if device.type == "cuda" else "peak memory: n/a on CPU", file=sys.stderr)
-
-
-def check_fits(model: Transformer, cache: CacheConfig, batch_size: int, max_seq_len: int,
-               device: torch.device, dtype: torch.dtype) -> None:
-    if device.type != "cuda":
-        return
-    need = cache.slot_bytes(model, max_seq_len, dtype) * batch_size
-    free, _ = torch.cuda.mem_get_info(device)
-    if need > free:
-        raise ValueError(f"--batch-size {batch_size} at {max_seq_len} tokens needs {need / 1e9:.1f} GB of "
-                         f"{cache.kv} cache, only {free / 1e9:.1f} GB free")
+    kv = cache_slot_bytes(model_args, cache, total, dtype)
+    fp = cache_slot_bytes(model_args, CacheConfig("fp16"), total, dtype)
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    log(f"\nprefill: {stats['prefill_s'] * 1000:.1f} ms for {batch_size} x {len(prompt)} tokens")
+    log(f"decode: {stats['decode_tokens_per_s']:.1f} tokens/s ({stats['decode_steps']} steps, batch {batch_size})")
+    log(f"kv cache ({cache.kv}): {batch_size * kv / 1e6:.2f} MB for {batch_size} x {total} tokens, "
+        f"{kv / total:.0f} B/token, {fp / kv:.2f}x smaller than fp16 ({fp / total:.0f} B/token)")
+    if device.type == "cuda":
+        log(f"peak memory: {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ and prefill of a T-token prompt leaves exactly the state T decode appends would:
 n_q(T) tokens are quantized straight into the packed store, the rest go to the ring.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -45,6 +47,30 @@ def parse_kv_mode(mode: str) -> tuple[int, int] | None:
     if len(mode) == 4 and mode[0] == "k" and mode[2] == "v" and mode[1] in "24" and mode[3] in "24":
         return int(mode[1]), int(mode[3])
     raise ValueError(f"unknown --kv mode '{mode}': use fp16, kivi2, kivi4 or k{{2,4}}v{{2,4}} (e.g. k4v2)")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """A --kv mode and the KIVI settings that go with it."""
+
+    kv: str = "fp16"
+    group_size: int = 32
+    residual_len: int = 128
+    n_sink: int = 0
+
+    def check(self, head_dim: int) -> None:
+        bits = parse_kv_mode(self.kv)
+        if bits is not None:
+            check_kivi_config(head_dim, *bits, self.group_size, self.residual_len, self.n_sink)
+
+    def make(self, max_batch: int, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype,
+             device: torch.device | str) -> nn.Module:
+        """The cache of one layer."""
+        bits = parse_kv_mode(self.kv)
+        if bits is None:
+            return StaticCache(max_batch, n_kv_heads, head_dim, max_seq_len, dtype, device)
+        return KiviCache(max_batch, n_kv_heads, head_dim, max_seq_len, *bits, self.group_size, self.residual_len,
+                         self.n_sink, dtype, device)
 
 
 class StaticCache(nn.Module):
@@ -178,12 +204,3 @@ def cache_bytes(kv_mode: str, n_kv_heads: int, head_dim: int, max_seq_len: int, 
     codes = H * L * D * (bits_k + bits_v) // 32 * 4
     stats = 2 * H * L // G * D * el + 2 * H * L * D // G * el
     return codes + stats + 2 * H * (residual_len + n_sink) * D * el
-
-
-def make_cache(kv_mode: str, max_batch: int, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype,
-               device: torch.device | str, group_size: int = 32, residual_len: int = 128, n_sink: int = 0) -> nn.Module:
-    """The cache of one layer for a --kv mode."""
-    bits = parse_kv_mode(kv_mode)
-    if bits is None:
-        return StaticCache(max_batch, n_kv_heads, head_dim, max_seq_len, dtype, device)
-    return KiviCache(max_batch, n_kv_heads, head_dim, max_seq_len, *bits, group_size, residual_len, n_sink, dtype, device)

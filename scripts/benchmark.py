@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from generate import DTYPES, CacheConfig, Sampling, decode_step, generate, pick_device
+from generate import DTYPES, Sampling, decode_step, generate, pick_device
+from kivi_cache import CacheConfig
 from kivi_cache import parse_kv_mode
 from model import ModelArgs, Transformer, build_model
 

@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, resolve_checkpoint
-from generate import DTYPES, CacheConfig, pick_device, setup_caches
+from generate import DTYPES, pick_device, setup_caches
+from kivi_cache import CacheConfig
 from kivi_cache import parse_kv_mode
 from model import Transformer, build_model
 from tokenizer import load_tokenizer
