@@ -29,7 +29,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclass
 class Sampling:
-    temperature: float = 0.0  # 0: greedy
+    temperature: float | Tensor = 0.0  # 0: greedy; or a tensor [B, 1] of per-row temperatures, all > 0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
 
@@ -44,7 +44,7 @@ class Sampling:
 
 def sample(logits: Tensor, s: Sampling) -> Tensor:
     """logits [B, V] float32 -> next tokens [B], without a host sync."""
-    if s.temperature == 0:
+    if not isinstance(s.temperature, Tensor) and s.temperature == 0:
         return logits.argmax(-1)
     logits = logits / s.temperature
     if s.top_k > 0:
@@ -216,8 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(path)
     cache.check(model_args.head_dim)
     if args.chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
-    prompt = tokenizer.encode(text, bos=True)
+        prompt = tokenizer.encode_chat([{"role": "user", "content": text}])
+    else:
+        prompt = tokenizer.encode(text, bos=tokenizer.add_bos)
     total = len(prompt) + args.max_new_tokens
     if total > model_args.max_seq_len:
         raise ValueError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} = {total} "
@@ -237,14 +238,14 @@ def main(argv: list[str] | None = None) -> None:
     for i, new in enumerate(outputs):
         if batch_size > 1:
             print(f"--- sequence {i}")
-        print(text + tokenizer.decode(new))
+        print(text + tokenizer.decode([t for t in new if t not in tokenizer.eos_ids]))
     kv = cache_slot_bytes(model_args, cache, total, dtype)
     fp = cache_slot_bytes(model_args, CacheConfig("fp16"), total, dtype)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     log(f"\nprefill: {stats['prefill_s'] * 1000:.1f} ms for {batch_size} x {len(prompt)} tokens")
     log(f"decode: {stats['decode_tokens_per_s']:.1f} tokens/s ({stats['decode_steps']} steps, batch {batch_size})")
     log(f"kv cache ({cache.kv}): {batch_size * kv / 1e6:.2f} MB for {batch_size} x {total} tokens, "
-        f"{kv / total:.0f} B/token, {fp / kv:.2f}x smaller than fp16 ({fp / total:.0f} B/token)")
+        f"{kv / total:.0f} B/token, {kv / fp:.3f}x the size of an fp16 cache ({fp / total:.0f} B/token)")
     if device.type == "cuda":
         log(f"peak memory: {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB")
 

@@ -51,7 +51,12 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, config: dict) -> "ModelArgs":
-        """Build from a Hugging Face `config.json` of a Llama-family model."""
+        """Build from a Hugging Face `config.json` of a Llama-family model (transformers 4
+        spelling `rope_theta` / `rope_scaling`, or 5's `rope_parameters`)."""
+        rope = config.get("rope_parameters")
+        if rope is not None:
+            scaling = None if rope.get("rope_type", "default") == "default" else rope
+            config = {**config, "rope_theta": rope.get("rope_theta", 10000.0), "rope_scaling": scaling}
         rope_scaling = config.get("rope_scaling")
         if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) != "llama3":
             raise ValueError(f"unsupported rope_scaling {rope_scaling}: only Llama-3.1 ('llama3') scaling is implemented")
@@ -186,7 +191,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.inv_freq = rope_frequencies(args)  # float32 whatever the model dtype: a plain attribute, .to() skips it
 
     def set_caches(self, make_cache) -> None:
         """Give every attention layer its own cache: `make_cache()` builds one."""
@@ -223,5 +228,5 @@ def build_model(args: ModelArgs, state_dict: dict[str, Tensor] | None, device: t
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype)
-    model.inv_freq = rope_frequencies(args).to(device)  # RoPE frequencies stay float32
+    model.inv_freq = rope_frequencies(args).to(device)
     return model.eval().requires_grad_(False)

