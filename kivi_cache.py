@@ -39,14 +39,14 @@ def n_quantized(lengths: Tensor, residual_len: int, group_size: int) -> Tensor:
 
 def parse_kv_mode(mode: str) -> tuple[int, int] | None:
     """'fp16' -> None; 'kivi2' -> (2, 2); 'kivi4' -> (4, 4); 'k4v2' -> (4, 2)."""
-    mode = mode.lower()
-    if mode in ("fp16", "fp", "bf16"):
+    key = mode.lower()
+    if key in ("fp16", "fp", "bf16"):
         return None
-    if mode in ("kivi2", "kivi4"):
-        return int(mode[-1]), int(mode[-1])
-    if len(mode) == 4 and mode[0] == "k" and mode[2] == "v" and mode[1] in "24" and mode[3] in "24":
-        return int(mode[1]), int(mode[3])
-    raise ValueError(f"unknown --kv mode '{mode}': use fp16, kivi2, kivi4 or k{{2,4}}v{{2,4}} (e.g. k4v2)")
+    if key in ("kivi2", "kivi4"):
+        return int(key[-1]), int(key[-1])
+    if len(key) == 4 and key[0] == "k" and key[2] == "v" and key[1] in "24" and key[3] in "24":
+        return int(key[1]), int(key[3])
+    raise ValueError(f"unknown --kv mode {mode!r}: use fp16, kivi2, kivi4 or k{{2,4}}v{{2,4}} (e.g. k4v2)")
 
 
 @dataclass(frozen=True)

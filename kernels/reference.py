@@ -69,43 +69,40 @@ def decode_attention_reference(
     lengths: Tensor, n_quantized: Tensor, bits_k: int, bits_v: int, group_size: int, sm_scale: float,
 ) -> Tensor:
     """Attention of one query token per slot, q [B, Hq, D], over positions 0..lengths[b]-1
-    of slot b (sinks, dequantized store, ring), chunk by chunk with an online softmax.
-    Returns [B, Hq, D] in q's dtype; computed in float32."""
+    of slot b (sinks, dequantized store, ring), CHUNK_TOKENS positions at a time for all
+    slots together with an online softmax. Returns [B, Hq, D] in q's dtype; computed in
+    float32."""
     B, Hq, D = q.shape
     H, R, S = k_ring.shape[1], k_ring.shape[2], k_sink.shape[2]
     G = group_size
-    out = torch.empty_like(q)
-    for b in range(B):
-        length, n_q = int(lengths[b]), int(n_quantized[b])
-        qb = q[b].float().view(H, Hq // H, D) * sm_scale
-        m = torch.full((H, Hq // H), float("-inf"), device=q.device)
-        denom = torch.zeros_like(m)
-        acc = torch.zeros(H, Hq // H, D, device=q.device)
-
-        def attend(keys: Tensor, values: Tensor) -> None:  # keys, values [H, T, D]
-            nonlocal m, denom, acc
-            scores = torch.einsum("hrd,htd->hrt", qb, keys.float())
-            m_new = torch.maximum(m, scores.amax(-1))
-            p = torch.exp(scores - m_new[..., None])
-            alpha = torch.exp(m - m_new)
-            denom = denom * alpha + p.sum(-1)
-            acc = acc * alpha[..., None] + torch.einsum("hrt,htd->hrd", p, values.float())
-            m = m_new
-
-        n_sink = min(S, length)
-        if n_sink > 0:
-            attend(k_sink[b, :, :n_sink], v_sink[b, :, :n_sink])
-        for c0 in range(0, n_q, CHUNK_TOKENS // G * G):
-            c1 = min(n_q, c0 + CHUNK_TOKENS // G * G)
-            keys = dequantize_keys(k_packed[b, :, c0 * bits_k // 32 : c1 * bits_k // 32],
-                                   k_scale[b, :, c0 // G : c1 // G], k_min[b, :, c0 // G : c1 // G], bits_k, G)
-            values = dequantize_values(v_packed[b, :, c0:c1], v_scale[b, :, c0:c1], v_min[b, :, c0:c1], bits_v, G)
-            skip = max(0, n_sink - c0)  # sink positions come from the sink buffer
-            if c1 - c0 > skip:
-                attend(keys[:, skip:], values[:, skip:])
-        first = max(n_q, n_sink)
-        for c0 in range(first, length, CHUNK_TOKENS):
-            idx = torch.arange(c0, min(length, c0 + CHUNK_TOKENS), device=q.device) % R
-            attend(k_ring[b, :, idx], v_ring[b, :, idx])
-        out[b] = (acc / denom[..., None]).view(Hq, D).to(q.dtype)
-    return out
+    qf = q.float().view(B, H, Hq // H, D) * sm_scale
+    m = torch.full((B, H, Hq // H), float("-inf"), device=q.device)
+    denom = torch.zeros_like(m)
+    acc = torch.zeros(B, H, Hq // H, D, device=q.device)
+    lengths, n_quantized = lengths.long()[:, None], n_quantized.long()[:, None]  # [B, 1]
+    chunk = CHUNK_TOKENS // G * G
+    for c0 in range(0, int(lengths.max()), chunk):
+        pos = torch.arange(c0, c0 + chunk, device=q.device)  # [T]
+        keys = k_ring[:, :, pos % R].float()  # [B, H, T, D]
+        values = v_ring[:, :, pos % R].float()
+        c1 = min(c0 + chunk, int(n_quantized.max()))
+        if c1 > c0:  # some slot has quantized positions in this chunk
+            in_store = (pos[: c1 - c0] < n_quantized)[:, None, :, None]  # [B, 1, T', 1]
+            stored_k = dequantize_keys(k_packed[:, :, c0 * bits_k // 32 : c1 * bits_k // 32],
+                                       k_scale[:, :, c0 // G : c1 // G], k_min[:, :, c0 // G : c1 // G], bits_k, G)
+            stored_v = dequantize_values(v_packed[:, :, c0:c1], v_scale[:, :, c0:c1], v_min[:, :, c0:c1], bits_v, G)
+            keys[:, :, : c1 - c0] = torch.where(in_store, stored_k.float(), keys[:, :, : c1 - c0])
+            values[:, :, : c1 - c0] = torch.where(in_store, stored_v.float(), values[:, :, : c1 - c0])
+        if c0 < S:  # sink positions come from the sink buffer
+            n = min(S, c0 + chunk) - c0
+            keys[:, :, :n] = k_sink[:, :, c0 : c0 + n].float()
+            values[:, :, :n] = v_sink[:, :, c0 : c0 + n].float()
+        scores = torch.einsum("bhrd,bhtd->bhrt", qf, keys)
+        scores = scores.masked_fill((pos >= lengths)[:, None, None, :], float("-inf"))
+        m_new = torch.maximum(m, scores.amax(-1))
+        p = torch.exp(scores - m_new[..., None])
+        alpha = torch.exp(m - m_new)
+        denom = denom * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.einsum("bhrt,bhtd->bhrd", p, values)
+        m = m_new
+    return (acc / denom[..., None]).view(B, Hq, D).to(q.dtype)
