@@ -55,10 +55,16 @@ def workspace_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
     return PREFILL_TOKENS * (per_token + quantize) + args.vocab_size * args.dim * 4
 
 
+def planned_bytes(args: ModelArgs, cache: CacheConfig, seq_len: int, dtype: torch.dtype, batch_size: int) -> int:
+    """Peak device memory the planner expects for a batch: weights, workspace, reserve and
+    the sequences."""
+    fixed = weight_bytes(args, dtype) + workspace_bytes(args, dtype) + RESERVE_BYTES
+    return fixed + batch_size * sequence_bytes(args, cache, seq_len, dtype)
+
+
 def max_batch_size(args: ModelArgs, cache: CacheConfig, seq_len: int, dtype: torch.dtype, budget_bytes: int) -> int:
-    """The largest batch whose weights, workspace and sequences fit in budget_bytes (0 if
-    not even one does)."""
-    free = budget_bytes - weight_bytes(args, dtype) - workspace_bytes(args, dtype) - RESERVE_BYTES
+    """The largest batch whose planned bytes fit in budget_bytes (0 if not even one does)."""
+    free = budget_bytes - planned_bytes(args, cache, seq_len, dtype, 0)
     return max(0, free // sequence_bytes(args, cache, seq_len, dtype))
 
 

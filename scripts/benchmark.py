@@ -1,11 +1,14 @@
 """End-to-end decode throughput and peak memory over cache modes and batch sizes.
 
-    python scripts/benchmark.py --checkpoint llama-2-7b --random-weights --kv fp16,kivi2 \\
-        --prompt-len 1024 --gen-len 256 --batch-size 1
+    python scripts/benchmark.py --checkpoint llama-2-7b --random-weights --kv fp16,kivi2,kivi4 \\
+        --prompt-len 160 --gen-len 338 --batch-size 1,8,32,64,128,auto
 
-With --random-weights a named model shape is built with random weights (speed does not
-depend on their values), so nothing needs downloading. Each point runs one short warm-up
-generation (compilation and CUDA-graph capture), then a timed one on the same caches.
+With --random-weights, --checkpoint names a model shape (or a folder whose config.json
+gives one) built with random weights: speed does not depend on their values. Each point
+runs a short warm-up generation (compilation and CUDA-graph capture), then a timed one on
+the same caches. A batch the memory planner says cannot fit is reported as such and not
+run; `auto` is the planner's largest batch. Writes a table, a JSON file and a PNG of
+throughput and peak memory against batch size per mode.
 """
 
 import argparse
@@ -16,19 +19,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from tqdm import tqdm
 
 from generate import DTYPES, Sampling, decode_step, generate, pick_device
 from kivi_cache import CacheConfig
-from kivi_cache import parse_kv_mode
-from model import ModelArgs, Transformer, build_model
+from model import CONFIGS, ModelArgs, Transformer, build_model
+from planner import device_budget, max_batch_size, planned_bytes
 
 
 def load_model(checkpoint: str | None, random_weights: bool, device: torch.device, dtype: torch.dtype) -> Transformer:
     if random_weights:
         if checkpoint is None:
-            raise ValueError("--random-weights needs --checkpoint NAME, a model shape")
+            raise ValueError("--random-weights needs --checkpoint: a model shape name or a folder with config.json")
+        shape = ModelArgs.from_name(checkpoint) if checkpoint.lower() in CONFIGS else ModelArgs.load(Path(checkpoint) / "config.json")
         torch.manual_seed(0)
-        return build_model(ModelArgs.from_name(checkpoint), None, device, dtype)
+        return build_model(shape, None, device, dtype)
     from checkpoint import load_checkpoint, resolve_checkpoint
 
     args, state_dict = load_checkpoint(resolve_checkpoint(checkpoint), device, dtype)
@@ -38,15 +43,38 @@ def load_model(checkpoint: str | None, random_weights: bool, device: torch.devic
 def run_point(model: Transformer, cache: CacheConfig, batch_size: int, prompt_len: int, gen_len: int, step) -> dict:
     device = model.tok_embeddings.weight.device
     prompts = torch.randint(0, model.args.vocab_size, (batch_size, prompt_len)).tolist()
-    generate(model, prompts, min(gen_len, 16), Sampling(), cache, step=step)  # warm-up: compile, capture
+    generate(model, prompts, min(gen_len, 8), Sampling(), cache, step=step)  # warm-up: compile, capture
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _, stats = generate(model, prompts, gen_len, Sampling(), cache, step=step)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     kv_bytes = sum(b.numel() * b.element_size() for layer in model.layers for b in layer.attention.kv_cache.buffers())
-    return {"kv": cache.kv, "batch_size": batch_size, "prompt_len": prompt_len, "gen_len": gen_len,
-            "tokens_per_s": stats["decode_tokens_per_s"], "prefill_s": stats["prefill_s"],
+    return {"tokens_per_s": stats["decode_tokens_per_s"], "prefill_s": stats["prefill_s"],
             "peak_memory_gb": peak / 1e9, "kv_cache_gb": kv_bytes / 1e9}
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in dict.fromkeys(r["kv"] for r in results):
+        ran = [r for r in results if r["kv"] == mode and r["fits"]]
+        batches = [r["batch_size"] for r in ran]
+        ax_speed.plot(batches, [r["tokens_per_s"] for r in ran], marker="o", label=mode)
+        ax_mem.plot(batches, [r["peak_memory_gb"] for r in ran], marker="o", label=mode)
+    for ax, label in ((ax_speed, "decode throughput (tokens/s)"), (ax_mem, "peak memory (GB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,43 +82,64 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint")
     p.add_argument("--random-weights", action="store_true")
     p.add_argument("--kv", default="fp16,kivi2")
-    p.add_argument("--prompt-len", type=int, default=1024)
-    p.add_argument("--gen-len", type=int, default=256)
-    p.add_argument("--batch-size", default="1", help="comma-separated batch sizes")
+    p.add_argument("--prompt-len", type=int, default=160)
+    p.add_argument("--gen-len", type=int, default=338)
+    p.add_argument("--batch-size", default="1,8,32,auto", help="comma-separated batch sizes; auto: the planner's largest")
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--residual-length", type=int, default=128)
     p.add_argument("--sink-tokens", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--dtype", default=None, choices=list(DTYPES))
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--json", type=Path)
+    p.add_argument("--memory-budget", type=float, help="GB the planner may fill (default: the device's memory)")
+    p.add_argument("--out", type=Path, default=Path("results/benchmark"), help="writes OUT.json and OUT.png")
     args = p.parse_args(argv)
 
-    modes = [m.strip() for m in args.kv.split(",")]
-    for mode in modes:
-        parse_kv_mode(mode)
-    batch_sizes = [int(b) for b in args.batch_size.split(",")]
+    caches = [CacheConfig(m.strip(), args.group_size, args.residual_length, args.sink_tokens) for m in args.kv.split(",")]
+    batch_sizes = [b if b == "auto" else int(b) for b in args.batch_size.split(",")]
+    if any(b != "auto" and b < 1 for b in batch_sizes) or args.prompt_len < 1 or args.gen_len < 2:
+        raise ValueError("batch sizes and --prompt-len must be at least 1, --gen-len at least 2")
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    budget = int(args.memory_budget * 1e9) if args.memory_budget else device_budget(device)
     model = load_model(args.checkpoint, args.random_weights, device, dtype)
+    seq_len = args.prompt_len + args.gen_len
+    if seq_len > model.args.max_seq_len:
+        raise ValueError(f"--prompt-len + --gen-len = {seq_len} exceeds the model's context of {model.args.max_seq_len}")
+    for cache in caches:
+        cache.check(model.args.head_dim)
     compiled = args.compile if args.compile is not None else device.type == "cuda"
     step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True) if compiled else decode_step
 
+    points = []
+    for cache in caches:
+        largest = max_batch_size(model.args, cache, seq_len, dtype, budget)
+        for b in batch_sizes:
+            batch = largest if b == "auto" else b
+            if (cache.kv, batch) not in [(q["kv"], q["batch_size"]) for q in points] and batch > 0:
+                points.append({"kv": cache.kv, "batch_size": batch, "auto": b == "auto", "fits": batch <= largest,
+                               "planned_peak_gb": planned_bytes(model.args, cache, seq_len, dtype, batch) / 1e9})
     results = []
-    for mode in modes:
-        cache = CacheConfig(mode, args.group_size, args.residual_length, args.sink_tokens)
-        cache.check(model.args.head_dim)
-        for batch_size in batch_sizes:
-            results.append(run_point(model, cache, batch_size, args.prompt_len, args.gen_len, step))
-            r = results[-1]
-            print(f"{mode:>6} batch {batch_size:4d}: {r['tokens_per_s']:9.1f} tokens/s, "
-                  f"peak {r['peak_memory_gb']:.2f} GB, kv {r['kv_cache_gb']:.3f} GB", file=sys.stderr)
-    print(f"{'kv':>6} {'batch':>5} {'tokens/s':>10} {'peak GB':>8} {'kv GB':>7} {'prefill s':>9}")
+    for point in tqdm(points, desc="benchmark", unit="point", file=sys.stderr):
+        cache = next(c for c in caches if c.kv == point["kv"])
+        if point["fits"]:
+            point.update(run_point(model, cache, point["batch_size"], args.prompt_len, args.gen_len, step))
+        results.append(point)
+
+    print(f"{'kv':>6} {'batch':>6} {'tokens/s':>10} {'peak GB':>8} {'planned':>8} {'kv GB':>7} {'prefill s':>9}")
     for r in results:
-        print(f"{r['kv']:>6} {r['batch_size']:5d} {r['tokens_per_s']:10.1f} {r['peak_memory_gb']:8.2f} "
-              f"{r['kv_cache_gb']:7.3f} {r['prefill_s']:9.3f}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        if r["fits"]:
+            print(f"{r['kv']:>6} {r['batch_size']:6d} {r['tokens_per_s']:10.1f} {r['peak_memory_gb']:8.2f} "
+                  f"{r['planned_peak_gb']:8.2f} {r['kv_cache_gb']:7.3f} {r['prefill_s']:9.2f}" + ("  (auto)" if r["auto"] else ""))
+        else:
+            print(f"{r['kv']:>6} {r['batch_size']:6d}  does not fit: the planner needs {r['planned_peak_gb']:.1f} GB "
+                  f"of {budget / 1e9:.1f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "dtype": str(dtype), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "budget_gb": budget / 1e9}
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    plot(results, args.out.with_suffix(".png"), f"{args.checkpoint}, prompt {args.prompt_len}, generate {args.gen_len}")
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
