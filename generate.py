@@ -94,13 +94,16 @@ def prefill(model: Transformer, prompts: list[list[int]], slots: list[int], s: S
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
-             cache: CacheConfig, eos_ids: set[int] = frozenset(), step=decode_step) -> tuple[list[list[int]], dict]:
+             cache: CacheConfig, eos_ids: set[int] = frozenset(), step=decode_step,
+             max_seq_len: int | None = None) -> tuple[list[list[int]], dict]:
     """Generate up to max_new_tokens after each prompt (one cache slot each), stopping a
     sequence at an EOS token (kept in the output). Returns the new tokens per prompt and
-    timings. `step` is decode_step, or its compiled version."""
+    timings. `step` is decode_step, or its compiled version. The caches hold max_seq_len
+    tokens a slot (default: just enough); a caller reusing them, and so the step's CUDA
+    graph, across calls passes the same value."""
     device = model.tok_embeddings.weight.device
     B = len(prompts)
-    max_seq_len = max(len(p) for p in prompts) + max_new_tokens
+    max_seq_len = max_seq_len or max(len(p) for p in prompts) + max_new_tokens
     setup_caches(model, cache, B, max_seq_len)
     sync(device)
     t0 = time.perf_counter()

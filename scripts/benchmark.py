@@ -43,10 +43,12 @@ def load_model(checkpoint: str | None, random_weights: bool, device: torch.devic
 def run_point(model: Transformer, cache: CacheConfig, batch_size: int, prompt_len: int, gen_len: int, step) -> dict:
     device = model.tok_embeddings.weight.device
     prompts = torch.randint(0, model.args.vocab_size, (batch_size, prompt_len)).tolist()
-    generate(model, prompts, min(gen_len, 8), Sampling(), cache, step=step)  # warm-up: compile, capture
+    seq_len = prompt_len + gen_len
+    # Warm-up (compilation, CUDA-graph capture) on short prompts but the same caches.
+    generate(model, [p[:8] for p in prompts], 8, Sampling(), cache, step=step, max_seq_len=seq_len)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _, stats = generate(model, prompts, gen_len, Sampling(), cache, step=step)
+    _, stats = generate(model, prompts, gen_len, Sampling(), cache, step=step, max_seq_len=seq_len)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     kv_bytes = sum(b.numel() * b.element_size() for layer in model.layers for b in layer.attention.kv_cache.buffers())
     return {"tokens_per_s": stats["decode_tokens_per_s"], "prefill_s": stats["prefill_s"],
