@@ -1,0 +1,215 @@
+import json
+
+import pytest
+import torch
+
+from checkpoint import load_checkpoint, resolve_checkpoint
+from generate import Sampling, generate, sample
+from kivi_cache import CacheConfig
+from model import ModelArgs, build_model
+from scripts import batch_generate, make_workload
+from scripts.batch_generate import decode_step_per_slot, run_batch
+from tokenizer import load_tokenizer
+
+KIVI = CacheConfig("kivi2", group_size=32, residual_len=32)  # a short ring: prompts and decode reach the packed store
+
+
+class CharTokenizer:
+    """Printable ASCII, one token a character."""
+
+    add_bos = False
+
+    def __init__(self, eos_ids: set[int] = frozenset()):
+        self.eos_ids = set(eos_ids)
+
+    def encode(self, text: str, bos: bool) -> list[int]:
+        return [ord(c) - 32 for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i + 32) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128, vocab_size=95,
+                     max_seq_len=128)
+    return build_model(args, None, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    path = resolve_checkpoint(None)
+    args, state_dict = load_checkpoint(path, "cpu", torch.float32)
+    return build_model(args, state_dict, torch.device("cpu"), torch.float32), load_tokenizer(path)
+
+
+def run(model, tokenizer, lines: list, out, batch_size: int = 2, **kwargs) -> dict:
+    lines = [line if isinstance(line, str) else json.dumps(line) for line in lines]
+    return run_batch(model, tokenizer, lines, out, batch_size, KIVI, Sampling(), 8, progress=False, **kwargs)
+
+
+def read(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_greedy_batch_with_refills_matches_each_prompt_alone(smollm, tmp_path, monkeypatch):
+    model, tokenizer = smollm
+    monkeypatch.setattr(batch_generate, "SYNC_EVERY", 4)  # more syncs and refills for the same tokens
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,",
+             "The mitochondria is the powerhouse of the cell. " * 4, "1, 2, 3, 4, 5,"]
+    lines = [{"id": i, "prompt_ids": tokenizer.encode(t, bos=tokenizer.add_bos), "max_new_tokens": n}
+             for i, (t, n) in enumerate(zip(texts, [18, 5, 9, 12, 6]))]
+    run(model, tokenizer, lines, tmp_path / "out.jsonl", batch_size=2)
+    results = {r["id"]: r for r in read(tmp_path / "out.jsonl")}
+
+    for line in lines:
+        logits = []
+
+        def recording_step(model, tokens, input_pos, s):
+            logits.append(model(tokens, input_pos=input_pos)[0, -1])
+            return sample(logits[-1][None], s)
+
+        (alone,), _ = generate(model, [line["prompt_ids"]], line["max_new_tokens"], Sampling(), KIVI,
+                               tokenizer.eos_ids, recording_step)
+        r = results[line["id"]]
+        got = r["completion_ids"] + ([alone[-1]] if r["finish_reason"] == "eos" else [])
+        diff = next((i for i, (a, b) in enumerate(zip(alone, got)) if a != b), None)
+        if diff is None:
+            assert got == alone
+            assert r["finish_reason"] == ("eos" if alone[-1] in tokenizer.eos_ids else "length")
+        else:  # the first token comes from the same one-prompt prefill: only decode steps can tie
+            assert diff > 0
+            top2 = logits[diff - 1].topk(2).values
+            assert top2[0] - top2[1] < 1e-4, f"prompt {line['id']} differs at token {diff} without a tie"
+
+
+def test_static_batches_and_text_prompts_match_generate(tiny_model, tmp_path):
+    tokenizer = CharTokenizer()
+    prompts = ["The capital of France is", "Water boils at", "My favourite colour is", "x"]
+    lines = [{"id": p, "prompt": p, "max_new_tokens": n} for p, n in zip(prompts, [6, 20, 4, 9])]
+    lines.append({"id": "hot", "prompt": "Water boils at", "max_new_tokens": 20, "temperature": 1.5})
+    torch.manual_seed(0)
+    run(tiny_model, tokenizer, lines, tmp_path / "refill.jsonl")
+    run(tiny_model, tokenizer, lines, tmp_path / "static.jsonl", refill=False)
+    refill = {r["id"]: r for r in read(tmp_path / "refill.jsonl")}
+    static = {r["id"]: r for r in read(tmp_path / "static.jsonl")}
+    assert refill["hot"]["completion"] != refill["Water boils at"]["completion"]  # a slot of its own samples
+    for line in lines[:-1]:
+        (alone,), _ = generate(tiny_model, [tokenizer.encode(line["prompt"], False)], line["max_new_tokens"],
+                               Sampling(), KIVI)
+        assert refill[line["id"]] == static[line["id"]]
+        assert refill[line["id"]]["completion"] == tokenizer.decode(alone)
+
+
+def test_resume_after_a_crash_answers_every_id_once(tiny_model, tmp_path):
+    tokenizer = CharTokenizer()
+    lines = [{"id": f"p{i}", "prompt": "abcdefghijklmnopqrstuvwxyz"[: 3 + 4 * i], "max_new_tokens": 4 + 3 * i}
+             for i in range(6)]
+    lines.insert(2, "{not json")
+    run(tiny_model, tokenizer, lines, tmp_path / "full.jsonl")
+    out = tmp_path / "out.jsonl"
+    assert run(tiny_model, tokenizer, lines, out, stop_after=2)["prompts"] == 2
+    assert len(read(out)) == 3  # the bad line and two prompts
+    with open(out, "a", encoding="utf-8") as f:
+        f.write('{"id": "p5", "completion": "cut off by the cra')
+    stats = run(tiny_model, tokenizer, lines, out)
+    assert (stats["prompts"], stats["errors"]) == (4, 0)
+    records = read(out)
+    assert sorted(json.dumps(r) for r in records) == sorted(json.dumps(r) for r in read(tmp_path / "full.jsonl"))
+    before = out.read_bytes()
+    assert run(tiny_model, tokenizer, lines, out)["prompts"] == 0
+    assert out.read_bytes() == before
+
+
+def test_bad_lines_get_one_error_record_each_and_the_run_goes_on(tiny_model, tmp_path):
+    lines = ['{"id": "ok", "prompt": "hello"}',
+             '{"id": "x", "prompt": ',
+             '["a", "list"]',
+             '{"prompt": "no id"}',
+             '{"id": "no prompt"}',
+             '{"id": "number", "prompt": 7}',
+             '{"id": "ok", "prompt": "the same id again"}',
+             '{"id": "empty", "prompt": "  "}',
+             json.dumps({"id": "long", "prompt": "x" * 128}),
+             '{"id": "bad max", "prompt": "hi", "max_new_tokens": 0}',
+             '{"id": "bad stop", "prompt": "hi", "stop": "."}',
+             "",
+             '{"id": 2, "prompt": "bye"}']
+    expected = {2: (None, "Expecting"), 3: (None, "JSON object"), 4: (None, "missing id"),
+                5: ("no prompt", "missing prompt"), 6: ("number", "must be a string"), 7: ("ok", "duplicate"),
+                8: ("empty", "empty"), 9: ("long", "context"), 10: ("bad max", "max_new_tokens"),
+                11: ("bad stop", "stop")}
+    out = tmp_path / "out.jsonl"
+    stats = run(tiny_model, CharTokenizer(), lines, out)
+    assert (stats["prompts"], stats["errors"]) == (2, len(expected))
+    errors = {r["line"]: r for r in read(out) if "error" in r}
+    assert errors.keys() == expected.keys()
+    for n, (id_, message) in expected.items():
+        assert errors[n]["id"] == id_ and message in errors[n]["error"], errors[n]
+    assert {r["id"] for r in read(out) if "error" not in r} == {"ok", 2}
+    before = out.read_bytes()
+    run(tiny_model, CharTokenizer(), lines, out)
+    assert out.read_bytes() == before
+
+
+def test_finish_reasons_length_eos_and_stop_strings(tiny_model, tmp_path):
+    prompt = "Stop strings are checked on the host"
+    run(tiny_model, CharTokenizer(), [{"id": 0, "prompt": prompt, "max_new_tokens": 24}], tmp_path / "free.jsonl")
+    (free,) = read(tmp_path / "free.jsonl")
+    text = free["completion"]
+    assert (free["finish_reason"], free["completion_tokens"], len(text)) == ("length", 24, 24)
+
+    eos = text[5]
+    run(tiny_model, CharTokenizer({ord(eos) - 32}), [{"id": 0, "prompt": prompt, "max_new_tokens": 24}],
+        tmp_path / "eos.jsonl")
+    (r,) = read(tmp_path / "eos.jsonl")
+    end = text.index(eos)
+    assert (r["completion"], r["completion_tokens"], r["finish_reason"]) == (text[:end], end + 1, "eos")
+
+    stop = text[15:19]  # tokens 15..18: the host reads tokens 0..16 at the first sync
+    lines = [{"id": 0, "prompt": prompt, "max_new_tokens": 24, "stop": ["never there", stop]},
+             {"id": 1, "prompt": prompt, "max_new_tokens": 24, "stop": [text[3:5], stop]}]
+    run(tiny_model, CharTokenizer(), lines, tmp_path / "stop.jsonl")
+    r0, r1 = sorted(read(tmp_path / "stop.jsonl"), key=lambda r: r["id"])
+    end = text.index(stop)
+    assert (r0["completion"], r0["completion_tokens"], r0["finish_reason"]) == (text[:end], end + len(stop), "stop")
+    end = text.index(text[3:5])
+    assert (r1["completion"], r1["completion_tokens"], r1["finish_reason"]) == (text[:end], end + 2, "stop")
+
+
+def test_per_slot_temperature_rows_at_zero_are_greedy_others_sample():
+    logits = torch.randn(4, 50)
+    model = lambda tokens, input_pos: logits[:, None]  # noqa: E731
+    temperature = torch.tensor([0.0, 2.0, 0.0, 2.0])
+    torch.manual_seed(0)
+    draws = torch.stack([decode_step_per_slot(model, None, None, temperature, Sampling(top_k=5)) for _ in range(100)])
+    assert torch.equal(draws[:, [0, 2]], logits.argmax(-1)[[0, 2]].expand(100, 2))
+    top5 = logits.topk(5).indices
+    assert (draws[:, [1, 3], None] == top5[[1, 3]]).any(-1).all()
+    assert len(set(draws[:, 1].tolist())) > 1
+
+
+def test_cli_with_random_weights_reads_prompt_ids(tmp_path, capsys):
+    make_workload.main([str(tmp_path / "in.jsonl"), "--token-ids", "--vocab-size", "49152", "--n", "3",
+                        "--min-len", "5", "--max-len", "40", "--min-new", "2", "--max-new", "5"])
+    batch_generate.main([str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), "--random-weights",
+                         "--checkpoint", "smollm2-135m", "--batch-size", "auto", "--device", "cpu"])
+    workload = read(tmp_path / "in.jsonl")
+    records = {r["id"]: r for r in read(tmp_path / "out.jsonl")}
+    for line in workload:
+        r = records[line["id"]]
+        assert len(r["completion_ids"]) == r["completion_tokens"] == line["max_new_tokens"]
+        assert r["prompt_tokens"] == len(line["prompt_ids"]) and 5 <= r["prompt_tokens"] <= 40
+    summary = capsys.readouterr().err
+    assert "3 prompts" in summary and "batch size 3" in summary
+
+
+def test_workload_text_prompts_have_token_lengths_in_range(smollm, tmp_path):
+    _, tokenizer = smollm
+    make_workload.main([str(tmp_path / "w.jsonl"), "--n", "8", "--min-len", "20", "--max-len", "60", "--seed", "3"])
+    lines = read(tmp_path / "w.jsonl")
+    assert all(20 <= len(tokenizer.encode(r["prompt"], bos=tokenizer.add_bos)) <= 60 for r in lines)
+    assert all(50 <= r["max_new_tokens"] <= 500 for r in lines)
+    make_workload.main([str(tmp_path / "again.jsonl"), "--n", "8", "--min-len", "20", "--max-len", "60", "--seed", "3"])
+    assert read(tmp_path / "again.jsonl") == lines
