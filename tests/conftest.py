@@ -1,8 +1,13 @@
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from checkpoint import embedded_gguf, import_gguf
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+from checkpoint import embedded_gguf, import_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="session")
