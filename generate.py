@@ -115,11 +115,15 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     input_pos = torch.tensor([len(p) for p in prompts], device=device)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     done = torch.isin(tokens, eos)
+    # The step's input is one [B, 1] buffer: the same shape, strides and address every step
+    # and every call (a view into `out` would change strides with max_new_tokens: a recompile).
+    step_input = tokens[:, None].clone()
     n_steps = 1
     t0 = time.perf_counter()
     while n_steps < max_new_tokens:
-        tokens = step(model, out[:, n_steps - 1 : n_steps], input_pos, sampling)
+        tokens = step(model, step_input, input_pos, sampling)
         out[:, n_steps] = tokens
+        step_input.copy_(tokens[:, None])
         done |= torch.isin(tokens, eos)
         input_pos += 1
         n_steps += 1

@@ -92,9 +92,7 @@ class StaticCache(nn.Module):
         self.v_cache[slots, :, :T] = v
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-        rows = torch.arange(q.shape[0], device=q.device)
-        self.k_cache[rows, :, input_pos] = k
-        self.v_cache[rows, :, input_pos] = v
+        torch.ops.kivi.append(self.k_cache, self.v_cache, k, v, input_pos)
         lengths = (input_pos + 1).to(torch.int32)
         e, c = self.empty, self.empty_codes
         return torch.ops.kivi.decode_attention(
@@ -152,10 +150,9 @@ class KiviCache(nn.Module):
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Append k, v [B, H, D] at input_pos [B], flush full rings, attend q [B, Hq, D]."""
-        rows = torch.arange(q.shape[0], device=q.device)
-        self.k_ring[rows, :, input_pos % self.residual_len] = k
-        self.v_ring[rows, :, input_pos % self.residual_len] = v
+        torch.ops.kivi.append(self.k_ring, self.v_ring, k, v, input_pos)
         if self.n_sink > 0:  # branch-free: slots past their sinks rewrite a sink unchanged
+            rows = torch.arange(q.shape[0], device=q.device)
             sink_idx = input_pos.clamp(max=self.n_sink - 1)
             is_sink = (input_pos < self.n_sink)[:, None, None]
             self.k_sink[rows, :, sink_idx] = torch.where(is_sink, k, self.k_sink[rows, :, sink_idx])

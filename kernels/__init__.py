@@ -5,19 +5,23 @@ device and torch.compile sees them as known mutations:
         v_packed, v_scale, v_min, lengths, n_quantized, bits_k, bits_v, group_size, sm_scale) -> out
     torch.ops.kivi.flush(k_ring, v_ring, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
         lengths, bits_k, bits_v, group_size, n_sink)   mutates the packed stores
+    torch.ops.kivi.append(k_ring, v_ring, k, v, input_pos)   ring[b, :, input_pos[b] % R] = k[b]
 
-The default implementation is the pure-PyTorch reference (kernels/reference.py); CUDA
-tensors go to the Triton kernels.
+(The Python names end in _op so that they do not shadow the kernel modules.) The default
+implementation is the pure-PyTorch reference (kernels/reference.py); CUDA
+tensors go to the Triton kernels (kernels/decode_attention.py, kernels/flush.py).
 """
 
 import torch
 from torch import Tensor
 
+from kernels.decode_attention import decode_attention as decode_attention_triton
+from kernels.flush import flush as flush_triton
 from kernels.reference import decode_attention_reference, flush_reference
 
 
 @torch.library.custom_op("kivi::decode_attention", mutates_args=())
-def decode_attention(
+def decode_attention_op(
     q: Tensor, k_ring: Tensor, v_ring: Tensor, k_sink: Tensor, v_sink: Tensor,
     k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
     lengths: Tensor, n_quantized: Tensor, bits_k: int, bits_v: int, group_size: int, sm_scale: float,
@@ -28,15 +32,18 @@ def decode_attention(
     )
 
 
-@decode_attention.register_fake
+@decode_attention_op.register_fake
 def _(q: Tensor, *args, **kwargs) -> Tensor:
     return torch.empty_like(q)
+
+
+decode_attention_op.register_kernel("cuda")(decode_attention_triton)
 
 
 @torch.library.custom_op(
     "kivi::flush", mutates_args=("k_packed", "k_scale", "k_min", "v_packed", "v_scale", "v_min")
 )
-def flush(
+def flush_op(
     k_ring: Tensor, v_ring: Tensor,
     k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
     lengths: Tensor, bits_k: int, bits_v: int, group_size: int, n_sink: int,
@@ -45,6 +52,25 @@ def flush(
                     lengths, bits_k, bits_v, group_size, n_sink)
 
 
-@flush.register_fake
+@flush_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
+flush_op.register_kernel("cuda")(flush_triton)
+
+
+@torch.library.custom_op("kivi::append", mutates_args=("k_ring", "v_ring"))
+def append_op(k_ring: Tensor, v_ring: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> None:
+    """Write each slot's new token, k, v [B, H, D], at ring index input_pos % R (a plain
+    cache is a ring of R = max_seq_len). An opaque op: compiled as an in-place index_put,
+    Inductor's functional form copied the whole cache every step."""
+    rows = torch.arange(k.shape[0], device=k.device)
+    idx = input_pos % k_ring.shape[2]
+    k_ring[rows, :, idx] = k
+    v_ring[rows, :, idx] = v
+
+
+@append_op.register_fake
 def _(*args, **kwargs) -> None:
     return None

@@ -97,8 +97,10 @@ def decode_attention_reference(
             n = min(S, c0 + chunk) - c0
             keys[:, :, :n] = k_sink[:, :, c0 : c0 + n].float()
             values[:, :, :n] = v_sink[:, :, c0 : c0 + n].float()
+        dead = (pos >= lengths)[:, None, :, None]  # [B, 1, T, 1]: past a slot's length, never read
+        keys, values = keys.masked_fill(dead, 0), values.masked_fill(dead, 0)
         scores = torch.einsum("bhrd,bhtd->bhrt", qf, keys)
-        scores = scores.masked_fill((pos >= lengths)[:, None, None, :], float("-inf"))
+        scores = scores.masked_fill(dead.transpose(2, 3), float("-inf"))
         m_new = torch.maximum(m, scores.amax(-1))
         p = torch.exp(scores - m_new[..., None])
         alpha = torch.exp(m - m_new)

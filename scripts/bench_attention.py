@@ -1,0 +1,215 @@
+"""Decode attention over a KIVI cache vs bf16 SDPA over a plain cache, on CUDA.
+
+For each shape and bit width: check the Triton op against the reference at a reduced batch,
+then time the fused KIVI op, bf16 SDPA on a [B, H, L, D] cache (best of its backends) and our
+op's plain-cache path (n_quantized 0, ring of R = L) on that same cache. Times are GPU times:
+a CUDA graph replays the call over enough copies of the inputs to exceed L2 several times
+(triton.testing.do_bench, median, L2 flushed before every replay), divided by the copies.
+Then the flush kernel with the predicate true for every slot, and false, and one decode step
+(flush + attention through torch.ops) under torch.compile(mode="reduce-overhead",
+fullgraph=True) against eager. Random data; every slot at length L.
+
+    python scripts/bench_attention.py [--quick] [--splits]
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kernels  # noqa: E402,F401  registers torch.ops.kivi
+from kernels.decode_attention import decode_attention  # noqa: E402
+from kernels.flush import flush  # noqa: E402
+from kernels.reference import decode_attention_reference, flush_reference  # noqa: E402
+
+SHAPES = [  # B, L, Hq, H, D
+    (32, 4096, 32, 32, 128),
+    (8, 32768, 32, 32, 128),
+    (32, 8192, 32, 8, 128),
+    (64, 2048, 9, 3, 64),
+]
+G, R = 32, 128
+ROTATE_BYTES = 256 << 20  # several times the L2 of an H100 (50 MB) or H200 (60 MB)
+
+
+def n_quantized(length: int) -> int:
+    """n_q under the flush rule: a group is quantized each time the ring fills."""
+    return 0 if length < R else ((length - R) // G + 1) * G
+
+
+def kivi_cache(B: int, H: int, L: int, D: int, bits: int, dtype: torch.dtype) -> dict:
+    """Random packed store, scales and mins for L tokens, ring; no sinks."""
+    words = lambda *s: torch.randint(-2**31, 2**31 - 1, s, device="cuda", dtype=torch.int32)
+    pos = lambda *s: (torch.rand(s, device="cuda") * 0.2 + 0.01).to(dtype)
+    sym = lambda *s: torch.randn(s, device="cuda", dtype=dtype)
+    return dict(
+        k_ring=sym(B, H, R, D), v_ring=sym(B, H, R, D), k_sink=sym(B, H, 0, D), v_sink=sym(B, H, 0, D),
+        k_packed=words(B, H, L * bits // 32, D), k_scale=pos(B, H, L // G, D), k_min=-sym(B, H, L // G, D).abs(),
+        v_packed=words(B, H, L, D * bits // 32), v_scale=pos(B, H, L, D // G), v_min=-sym(B, H, L, D // G).abs(),
+    )
+
+
+def plain_cache(k: torch.Tensor, v: torch.Tensor) -> dict:
+    """The fp cache as our op reads it: a ring of R = L, empty sinks and packed store."""
+    B, H, _, D = k.shape
+    empty = lambda *s, dtype=k.dtype: torch.empty(B, H, 0, *s, device="cuda", dtype=dtype)
+    return dict(k_ring=k, v_ring=v, k_sink=empty(D), v_sink=empty(D), k_packed=empty(D, dtype=torch.int32),
+                k_scale=empty(D), k_min=empty(D), v_packed=empty(D // 16, dtype=torch.int32),
+                v_scale=empty(D // G), v_min=empty(D // G))
+
+
+def cache_bytes(L: int, D: int, bits: int, itemsize: int) -> int:
+    """Bytes one (slot, kv head) reads: codes, scales and mins of n_q tokens, the ring's rest."""
+    nq = n_quantized(L)
+    return (nq * D * bits // 8 * 2 + nq // G * D * 2 * itemsize + nq * D // G * 2 * itemsize
+            + (L - nq) * D * 2 * itemsize)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "NaN in output"
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def bench(calls: list) -> float:
+    """GPU microseconds per call: one CUDA graph runs every call of the list once."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3 / len(calls)
+
+
+def copies(nbytes: int) -> int:
+    return max(1, min(16, math.ceil(ROTATE_BYTES / nbytes)))
+
+
+def sdpa_best(qs: list, ks: list, vs: list) -> tuple[float, str]:
+    best = (float("inf"), "")
+    gqa = qs[0].shape[1] != ks[0].shape[1]
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                calls = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+                         for q, k, v in zip(qs, ks, vs)]
+                best = min(best, (bench(calls), backend.name.lower()))
+        except RuntimeError:
+            continue
+    return best
+
+
+def check_compiled_step() -> float:
+    """flush + decode_attention through torch.ops under torch.compile(mode="reduce-overhead",
+    fullgraph=True) against eager; returns the max abs difference over 3 steps."""
+    B, H, Hq, L, D, bits = 4, 4, 8, 1024, 128, 2
+    c = kivi_cache(B, H, L, D, bits, torch.bfloat16)
+    c["k_sink"], c["v_sink"] = (torch.randn(B, H, 4, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.tensor([R, R + G, 700, 1000], device="cuda", dtype=torch.int32)
+
+    def step(q, lengths, n_q, *bufs):
+        torch.ops.kivi.flush(bufs[0], bufs[1], *bufs[4:], lengths, bits, bits, G, 4)
+        return torch.ops.kivi.decode_attention(q, *bufs, lengths, n_q, bits, bits, G, D**-0.5)
+
+    for t in c.values():
+        torch._dynamo.mark_static_address(t)  # the cache is a static buffer, as in the engine
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    diff = 0.0
+    with torch.inference_mode():
+        for i in range(3):
+            q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)
+            lens = lengths + i
+            n_q = torch.tensor([n_quantized(int(x)) for x in lens], device="cuda", dtype=torch.int32)
+            eager_bufs = {k: t.clone() for k, t in c.items()}
+            want = step(q, lens, n_q, *eager_bufs.values())
+            got = compiled(q, lens, n_q, *c.values()).clone()
+            diff = max(diff, (got.float() - want.float()).abs().max().item(),
+                       max((c[k].float() - eager_bufs[k].float()).abs().max().item() for k in c))
+    return diff
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="first shape only")
+    parser.add_argument("--splits", action="store_true", help="also time num_splits 1..16 at 2 bits")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    rows = []
+    for B, L, Hq, H, D in SHAPES[:1] if args.quick else SHAPES:
+        sm_scale = D**-0.5
+        lengths = torch.full((B,), L, device="cuda", dtype=torch.int32)
+        zeros = torch.zeros(B, device="cuda", dtype=torch.int32)
+        fp_bytes = B * H * L * D * 2 * 2
+        n = copies(fp_bytes)
+        ks = [torch.randn(B, H, L, D, device="cuda", dtype=dtype) for _ in range(n)]
+        vs = [torch.randn(B, H, L, D, device="cuda", dtype=dtype) for _ in range(n)]
+        qs = [torch.randn(B, Hq, D, device="cuda", dtype=dtype) for _ in range(n)]
+        fp = [plain_cache(k, v) for k, v in zip(ks, vs)]
+        fp_args = lambda i, b=B: (qs[i][:b], *(t[:b] for t in fp[i].values()), lengths[:b], zeros[:b], 2, 2, G, sm_scale)
+        err_fp = rel_err(decode_attention(*fp_args(0, 2)), decode_attention_reference(*fp_args(0, 2)))
+        t_fp = bench([lambda i=i: decode_attention(*fp_args(i)) for i in range(n)])
+        t_sdpa, backend = sdpa_best([q[:, :, None] for q in qs], ks, vs)
+        del ks, vs, fp
+        for bits in (2, 4):
+            kv_bytes = B * H * cache_bytes(L, D, bits, 2)
+            n = copies(kv_bytes)
+            cs = [kivi_cache(B, H, L, D, bits, dtype) for _ in range(n)]
+            nq = torch.full((B,), n_quantized(L), device="cuda", dtype=torch.int32)
+            kv_args = lambda i, b=B: (qs[i % len(qs)][:b], *(t[:b] for t in cs[i].values()), lengths[:b], nq[:b],
+                                      bits, bits, G, sm_scale)
+            err = rel_err(decode_attention(*kv_args(0, 2)), decode_attention_reference(*kv_args(0, 2)))
+            t_kivi = bench([lambda i=i: decode_attention(*kv_args(i)) for i in range(n)])
+            rows.append((f"B{B} L{L} {Hq}/{H} D{D}", bits, t_kivi, t_sdpa, backend, t_fp,
+                         kv_bytes / t_kivi / 1e6, fp_bytes / t_sdpa / 1e6, fp_bytes / t_fp / 1e6, err, err_fp))
+            print(rows[-1], flush=True)
+            if args.splits and bits == 2:
+                sweep = {s: bench([lambda i=i, s=s: decode_attention(*kv_args(i), num_splits=s) for i in range(n)])
+                         for s in (1, 2, 4, 8, 16)}
+                print("  num_splits (us):", {s: round(t, 1) for s, t in sweep.items()}, flush=True)
+            del cs
+
+    # flush at B=32 L=4096 32 heads D=128, bf16, 4 sinks: every slot due, then none
+    B, H, L, D = 32, 32, 4096, 128
+    flush_rows = []
+    for bits in (2, 4):
+        c = kivi_cache(B, H, L, D, bits, dtype)
+        due = torch.full((B,), L - 96, device="cuda", dtype=torch.int32)  # (L - 96 - R) % G == 0
+        none = due + 1
+        args = lambda lens: (c["k_ring"], c["v_ring"], c["k_packed"], c["k_scale"], c["k_min"], c["v_packed"],
+                             c["v_scale"], c["v_min"], lens, bits, bits, G, 4)
+        ref = {k: t.clone() for k, t in c.items()}
+        flush_reference(ref["k_ring"], ref["v_ring"], ref["k_packed"], ref["k_scale"], ref["k_min"], ref["v_packed"],
+                        ref["v_scale"], ref["v_min"], due, bits, bits, G, 4)
+        flush(*args(due))
+        exact = all(torch.equal(c[k].view(torch.int16) if c[k].dtype == dtype else c[k],
+                                ref[k].view(torch.int16) if ref[k].dtype == dtype else ref[k]) for k in c)
+        flush_rows.append((bits, bench([lambda: flush(*args(due))]), bench([lambda: flush(*args(none))]), exact))
+        del c, ref
+
+    compiled_diff = check_compiled_step()
+    dev = torch.cuda.get_device_name()
+    print(f"\n{dev}, torch {torch.__version__}, triton {triton.__version__}, {dtype}, G={G} R={R}, GPU time per call")
+    print("| shape | bits | KIVI us | SDPA bf16 us (backend) | speedup | our fp path us | KIVI TB/s | SDPA TB/s "
+          "| fp path TB/s | rel err KIVI / fp |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for shape, bits, t_k, t_s, be, t_f, bw_k, bw_s, bw_f, e_k, e_f in rows:
+        print(f"| {shape} | {bits}/{bits} | {t_k:.1f} | {t_s:.1f} ({be}) | {t_s / t_k:.2f}x | {t_f:.1f} | "
+              f"{bw_k:.2f} | {bw_s:.2f} | {bw_f:.2f} | {e_k:.1e} / {e_f:.1e} |")
+    print("\nflush, B=32 L=4096 H=32 D=128 bf16, 4 sinks")
+    print("| bits | all due us | none due us | bit-exact vs reference |")
+    print("| --- | --- | --- | --- |")
+    for bits, t_due, t_none, exact in flush_rows:
+        print(f"| {bits}/{bits} | {t_due:.1f} | {t_none:.1f} | {exact} |")
+    print(f"\ntorch.compile(reduce-overhead, fullgraph) flush + decode vs eager: max abs diff {compiled_diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()

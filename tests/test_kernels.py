@@ -1,0 +1,168 @@
+"""The Triton cache kernels against kernels/reference.py. Without CUDA they run on CPU tensors
+under TRITON_INTERPRET=1 (conftest.py). States are built the way the flush rule builds them:
+groups of G tokens quantized from token 0 (sinks hidden from group 0's key ranges), the newest
+length - n_q tokens in the ring at p % R. Memory the kernels must not read is poisoned with NaN;
+their internal buffers and outputs start as NaN too."""
+
+import sys
+
+import pytest
+import torch
+
+from kernels.decode_attention import decode_attention
+from kernels.flush import flush
+from kernels.reference import decode_attention_reference, flush_reference, hide_sinks
+from quantize_kv import quantize_keys, quantize_values
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative L2 error
+# the interpreter rounds fp32 -> bf16 by truncation, so bf16 codes can differ from torch's there
+EXACT_DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if DEVICE == "cuda" else ())
+
+
+def n_quantized(length: int, R: int, G: int) -> int:
+    return 0 if length < R else ((length - R) // G + 1) * G
+
+
+def cache_state(lengths, H, Hq, D, L, R, S, G, bits_k, bits_v, dtype, fill, seed=0):
+    """(q, cache buffers..., lengths, n_quantized) for the op; `fill` goes wherever no live
+    token is (packed store past n_q, ring slots outside [n_q, length))."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    k = torch.randn(B, H, L, D, generator=g) + torch.randn(1, 1, 1, D, generator=g) * 3  # outlier channels
+    v = torch.randn(B, H, L, D, generator=g)
+    k, v = k.to(dtype), v.to(dtype)
+    nq = [n_quantized(n, R, G) for n in lengths]
+    kp, ks, km = quantize_keys(hide_sinks(k, torch.zeros(B, dtype=torch.long), S), bits_k, G)
+    vp, vs, vm = quantize_values(v, bits_v, G)
+    k_ring = torch.full((B, H, R, D), fill, dtype=dtype)
+    v_ring = k_ring.clone()
+    for b, (n, q_n) in enumerate(zip(lengths, nq)):
+        ks[b, :, q_n // G :], km[b, :, q_n // G :], vs[b, :, q_n:], vm[b, :, q_n:] = fill, fill, fill, fill
+        kp[b, :, q_n * bits_k // 32 :], vp[b, :, q_n:] = -1, -1
+        idx = torch.arange(q_n, n) % R
+        k_ring[b, :, idx], v_ring[b, :, idx] = k[b, :, q_n:n], v[b, :, q_n:n]
+    q = torch.randn(B, Hq, D, generator=g).to(dtype)
+    bufs = (q, k_ring, v_ring, k[:, :, :S].contiguous(), v[:, :, :S].contiguous(), kp, ks, km, vp, vs, vm)
+    bufs = tuple(t.to(DEVICE) for t in bufs)
+    as_dev = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)
+    return (*bufs, as_dev(list(lengths)), as_dev(nq))
+
+
+@pytest.fixture
+def nan_allocations(monkeypatch):
+    """Make the kernel module's torch.empty / empty_like return NaN-filled tensors."""
+    mod = sys.modules["kernels.decode_attention"]
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def nan_empty_like(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    class Torch:  # the module's view of torch: everything as is but the two allocators
+        def __getattr__(self, name):
+            return {"empty": nan_empty, "empty_like": nan_empty_like}.get(name) or getattr(torch, name)
+
+    monkeypatch.setattr(mod, "torch", Torch())
+
+
+def check_attention(lengths, H, Hq, D, L, R, S, G, bits, dtype, num_splits=None):
+    bits_k, bits_v = bits
+    sm_scale = D**-0.5
+    ref = decode_attention_reference(*cache_state(lengths, H, Hq, D, L, R, S, G, bits_k, bits_v, dtype, 0.0),
+                                     bits_k, bits_v, G, sm_scale)
+    args = cache_state(lengths, H, Hq, D, L, R, S, G, bits_k, bits_v, dtype, float("nan"))
+    out = decode_attention(*args, bits_k, bits_v, G, sm_scale, num_splits=num_splits)
+    assert not out.isnan().any()
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < TOL[dtype], err
+
+
+# lengths: 1 token; under R (nothing quantized, ring partly full); just flushed; mid-group;
+# none a multiple of any block
+@pytest.mark.parametrize(
+    "H, Hq, D, G, bits, S, dtype",
+    [
+        (2, 2, 64, 32, (2, 2), 4, torch.float32),
+        (2, 2, 128, 32, (4, 4), 0, torch.float32),
+        (2, 6, 64, 32, (4, 2), 4, torch.float16),
+        (1, 8, 128, 64, (2, 4), 0, torch.float16),
+        (2, 4, 64, 64, (2, 2), 4, torch.bfloat16),
+        (2, 2, 128, 32, (8, 8), 4, torch.float16),
+    ],
+)
+def test_decode_attention(nan_allocations, H, Hq, D, G, bits, S, dtype):
+    R = 2 * G
+    check_attention((1, R - 3, R, R + G + 5, 7 * G + 13), H, Hq, D, 8 * G, R, S, G, bits, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_decode_attention_splits(nan_allocations, num_splits):
+    """Splits cut the packed store and the ring between programs; one slot ends in split 0."""
+    check_attention((3, 100, 300, 511), 2, 4, 64, 512, 64, 4, 32, (2, 2), torch.float32, num_splits)
+
+
+def test_plain_cache(nan_allocations):
+    """The fp16 cache: n_q = 0, a ring of R = max_seq_len, empty sinks and packed store."""
+    B, H, Hq, D, L = 3, 2, 6, 64, 300
+    g = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(B, H, L, D, generator=g).half().to(DEVICE) for _ in range(2))
+    e = lambda *s, dtype=torch.float16: torch.empty(B, H, 0, *s, dtype=dtype, device=DEVICE)
+    args = (torch.randn(B, Hq, D, generator=g).half().to(DEVICE), k, v, e(D), e(D), e(D, dtype=torch.int32), e(D),
+            e(D), e(D // 16, dtype=torch.int32), e(D // 32), e(D // 32),
+            torch.tensor([1, 77, 300], dtype=torch.int32, device=DEVICE), torch.zeros(B, dtype=torch.int32, device=DEVICE),
+            2, 2, 32, D**-0.5)
+    out = decode_attention(*args)
+    ref = decode_attention_reference(*args)
+    assert not out.isnan().any()
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < TOL[torch.float16]
+
+
+def test_batch_independence_and_empty_slot(nan_allocations):
+    """A slot's output does not depend on the other slots; a slot of length 0 gives zeros."""
+    args = cache_state((0, 150, 77), 2, 2, 64, 256, 64, 4, 32, 2, 2, torch.float32, float("nan"))
+    out = decode_attention(*args, 2, 2, 32, 0.125)
+    alone = decode_attention(*(t[1:2] for t in args), 2, 2, 32, 0.125)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.allclose(out[1], alone[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "D, G, bits, S, dtype, const",
+    [
+        (64, 32, (2, 2), 4, torch.float32, False),
+        (128, 64, (4, 2), 0, torch.float16, True),
+        (64, 32, (2, 4), 4, torch.bfloat16, True),
+        (64, 64, (8, 8), 4, torch.float16, False),
+    ],
+)
+def test_flush(D, G, bits, S, dtype, const):
+    """Bit for bit on codes, scales and mins; untouched where the predicate is false. Slots:
+    group 0 (sinks hidden), a later group, one token past due, not yet full."""
+    if dtype not in EXACT_DTYPES:
+        pytest.skip("the Triton interpreter truncates fp32 -> bf16; bf16 is checked on CUDA")
+    bits_k, bits_v = bits
+    B, H, R, L = 4, 2, 2 * G, 8 * G
+    g = torch.Generator().manual_seed(2)
+    k_ring = torch.randn(B, H, R, D, generator=g) * 3
+    v_ring = torch.randn(B, H, R, D, generator=g)
+    if const:  # constant groups: scale 0, codes 0, min the value
+        k_ring[:, :, :, :3] = 1.25
+        v_ring[:, :, :, :G] = -0.5
+    k_ring, v_ring = k_ring.to(dtype).to(DEVICE), v_ring.to(dtype).to(DEVICE)
+    bufs = [torch.randint(-2**31, 2**31 - 1, (B, H, L * bits_k // 32, D), generator=g, dtype=torch.int32),
+            torch.randn(B, H, L // G, D, generator=g).to(dtype), torch.randn(B, H, L // G, D, generator=g).to(dtype),
+            torch.randint(-2**31, 2**31 - 1, (B, H, L, D * bits_v // 32), generator=g, dtype=torch.int32),
+            torch.randn(B, H, L, D // G, generator=g).to(dtype), torch.randn(B, H, L, D // G, generator=g).to(dtype)]
+    bufs = [t.to(DEVICE) for t in bufs]
+    want = [t.clone() for t in bufs]
+    lengths = torch.tensor([R, R + 3 * G, R + G + 1, R - 1], dtype=torch.int32, device=DEVICE)
+    flush_reference(k_ring, v_ring, *want, lengths, bits_k, bits_v, G, S)
+    flush(k_ring, v_ring, *bufs, lengths, bits_k, bits_v, G, S)
+    for got, ref in zip(bufs, want):
+        assert torch.equal(got.view(torch.int16) if got.dtype == torch.bfloat16 else got,
+                           ref.view(torch.int16) if ref.dtype == torch.bfloat16 else ref)
