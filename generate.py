@@ -13,6 +13,7 @@ Sampling runs on the device; the host looks at the tokens only every `SYNC_EVERY
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,13 +154,40 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The options every command shares: KIVI settings, device and dtype."""
+    p.add_argument("--group-size", type=int, default=32, help="KIVI quantization group G")
+    p.add_argument("--residual-length", type=int, default=128, help="full-precision ring R")
+    p.add_argument("--sink-tokens", type=int, default=0, help="first tokens kept in full precision")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+
+
+def runtime(args: argparse.Namespace, kv_modes: str) -> tuple[list[CacheConfig], torch.device, torch.dtype]:
+    """The cache configs of a comma-separated --kv value, and the device and dtype."""
+    modes = [m.strip() for m in kv_modes.split(",") if m.strip()]
+    if not modes:
+        raise ValueError("--kv names no mode")
+    for mode in modes:
+        parse_kv_mode(mode)
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    return [CacheConfig(m, args.group_size, args.residual_length, args.sink_tokens) for m in modes], device, dtype
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a command's main: an expected failure prints one line and exits 1."""
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="a name under checkpoints/ or a path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--kv", default="fp16", help="cache mode: fp16, kivi2, kivi4, k{2,4}v{2,4}")
-    p.add_argument("--group-size", type=int, default=32)
-    p.add_argument("--residual-length", type=int, default=128)
-    p.add_argument("--sink-tokens", type=int, default=0)
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="The key to a good night's sleep is")
     prompt.add_argument("--prompt-file", type=Path)
@@ -170,8 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=200)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    add_runtime_args(p)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (default: on for CUDA, off for CPU)")
     return p.parse_args(argv)
@@ -208,10 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     sampling.check()
-    cache = CacheConfig(args.kv, args.group_size, args.residual_length, args.sink_tokens)
-    parse_kv_mode(args.kv)
-    device = pick_device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    (cache,), device, dtype = runtime(args, args.kv)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
     text = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else args.prompt
@@ -258,8 +282,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

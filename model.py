@@ -13,7 +13,7 @@ are the real and imaginary parts), so HF checkpoints load as they are.
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch

@@ -9,6 +9,7 @@ gives the BOS/EOS tokens and the chat template, whose markers choose the chat fo
 
 import json
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 LLAMA3_PATTERN = (
@@ -21,7 +22,7 @@ LLAMA3_SPECIAL_TOKENS = [
 ] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]  # 256 in all
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """Subclasses encode and decode plain text; this class adds BOS, special tokens and chat."""
 
     def __init__(self, special: dict[str, int], bos_id: int | None, eos_ids: set[int], add_bos: bool,
@@ -34,11 +35,13 @@ class Tokenizer:
         self.default_system = default_system
         self._special_re = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")")
 
+    @abstractmethod
     def encode_text(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Plain text -> ids, no special tokens, no BOS."""
 
+    @abstractmethod
     def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
+        """Ids -> text."""
 
     def encode(self, text: str, bos: bool, special: bool = False) -> list[int]:
         """special=False reads special token names as plain text; special=True maps them to their ids."""

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from generate import (DTYPES, Sampling, parse_batch_size, pick_device, plan_batch_size, prefill, sample,
+from generate import (Sampling, add_runtime_args, parse_batch_size, plan_batch_size, prefill, run_cli, runtime, sample,
                       setup_caches)
-from kivi_cache import CacheConfig, parse_kv_mode
+from kivi_cache import CacheConfig
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
@@ -266,9 +266,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="a name under checkpoints/ or a path; with --random-weights a model shape")
     p.add_argument("--random-weights", action="store_true", help="random weights, no tokenizer: lines give prompt_ids")
     p.add_argument("--kv", default="kivi2", help="cache mode: fp16, kivi2, kivi4, k{2,4}v{2,4}")
-    p.add_argument("--group-size", type=int, default=32)
-    p.add_argument("--residual-length", type=int, default=128)
-    p.add_argument("--sink-tokens", type=int, default=0)
     p.add_argument("--batch-size", type=parse_batch_size, default="auto", help="cache slots, or auto")
     p.add_argument("--no-refill", action="store_true", help="static batches: the next B prompts start when all B end")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
@@ -277,8 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=200)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    add_runtime_args(p)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (default: on for CUDA, off for CPU)")
     return p.parse_args(argv)
@@ -292,12 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     sampling.check()
-    cache = CacheConfig(args.kv, args.group_size, args.residual_length, args.sink_tokens)
-    parse_kv_mode(args.kv)
+    (cache,), device, dtype = runtime(args, args.kv)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
-    device = pick_device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     with open(args.input, encoding="utf-8") as f:
         lines = f.readlines()
 
@@ -319,8 +312,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from tqdm import tqdm
 
-from generate import DTYPES, Sampling, decode_step, generate, pick_device
+from generate import Sampling, add_runtime_args, decode_step, generate, run_cli, runtime
 from kivi_cache import CacheConfig
 from model import CONFIGS, ModelArgs, Transformer, build_model
 from planner import device_budget, max_batch_size, planned_bytes
@@ -87,22 +87,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-len", type=int, default=160)
     p.add_argument("--gen-len", type=int, default=338)
     p.add_argument("--batch-size", default="1,8,32,auto", help="comma-separated batch sizes; auto: the planner's largest")
-    p.add_argument("--group-size", type=int, default=32)
-    p.add_argument("--residual-length", type=int, default=128)
-    p.add_argument("--sink-tokens", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--dtype", default=None, choices=list(DTYPES))
+    add_runtime_args(p)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--memory-budget", type=float, help="GB the planner may fill (default: the device's memory)")
     p.add_argument("--out", type=Path, default=Path("results/benchmark"), help="writes OUT.json and OUT.png")
     args = p.parse_args(argv)
 
-    caches = [CacheConfig(m.strip(), args.group_size, args.residual_length, args.sink_tokens) for m in args.kv.split(",")]
+    caches, device, dtype = runtime(args, args.kv)
     batch_sizes = [b if b == "auto" else int(b) for b in args.batch_size.split(",")]
     if any(b != "auto" and b < 1 for b in batch_sizes) or args.prompt_len < 1 or args.gen_len < 2:
         raise ValueError("batch sizes and --prompt-len must be at least 1, --gen-len at least 2")
-    device = pick_device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     budget = int(args.memory_budget * 1e9) if args.memory_budget else device_budget(device)
     model = load_model(args.checkpoint, args.random_weights, device, dtype)
     seq_len = args.prompt_len + args.gen_len
@@ -145,8 +139,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

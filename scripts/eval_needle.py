@@ -19,12 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, resolve_checkpoint
-from generate import DTYPES, Sampling, generate, pick_device
-from kivi_cache import CacheConfig
+from generate import Sampling, add_runtime_args, generate, run_cli, runtime
 from model import build_model
 from tokenizer import Tokenizer, load_tokenizer
 
@@ -100,12 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     p.add_argument("--essays", type=Path, default=DATA / "essays", help="folder of filler .txt files")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--group-size", type=int, default=32)
-    p.add_argument("--residual-length", type=int, default=128)
-    p.add_argument("--sink-tokens", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--dtype", default=None, choices=list(DTYPES))
+    add_runtime_args(p)
     p.add_argument("--out-dir", type=Path, default=Path("results/needle"))
     args = p.parse_args(argv)
 
@@ -116,14 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     files = sorted(args.essays.glob("*.txt"))
     if not files:
         raise ValueError(f"no filler essays in {args.essays}: run scripts/fetch_data.py first")
-    device = pick_device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    caches, device, dtype = runtime(args, args.kv)
     path = resolve_checkpoint(args.checkpoint)
     model_args, state_dict = load_checkpoint(path, device, dtype)
     if max(lengths) + args.max_new_tokens > model_args.max_seq_len:
         raise ValueError(f"--lengths up to {max(lengths)} + {args.max_new_tokens} new tokens exceed the model's "
                          f"context of {model_args.max_seq_len}")
-    caches = [CacheConfig(m.strip(), args.group_size, args.residual_length, args.sink_tokens) for m in args.kv.split(",")]
     for cache in caches:
         cache.check(model_args.head_dim)
     tokenizer = load_tokenizer(path)
@@ -157,8 +149,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -23,9 +23,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, resolve_checkpoint
-from generate import DTYPES, pick_device, setup_caches
+from generate import add_runtime_args, run_cli, runtime, setup_caches
 from kivi_cache import CacheConfig
-from kivi_cache import parse_kv_mode
 from model import Transformer, build_model
 from tokenizer import load_tokenizer
 
@@ -62,28 +61,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text", type=Path, required=True)
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--docs", type=int, default=2)
-    p.add_argument("--group-size", type=int, default=32)
-    p.add_argument("--residual-length", type=int, default=128)
-    p.add_argument("--sink-tokens", type=int, default=0)
     p.add_argument("--strip-tags", action="store_true", help="remove <...> markup first")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    add_runtime_args(p)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
-    modes = [m.strip() for m in args.kv.split(",") if m.strip()]
-    if not modes:
-        raise ValueError("--kv names no mode")
-    for mode in modes:
-        parse_kv_mode(mode)
     if args.tokens < 2 or args.docs < 1:
         raise ValueError("--tokens must be at least 2 and --docs at least 1")
-    device, dtype = pick_device(args.device), DTYPES[args.dtype]
+    caches, device, dtype = runtime(args, args.kv)
     path = resolve_checkpoint(args.checkpoint)
     model_args, state_dict = load_checkpoint(path, device, dtype)
     if args.tokens > model_args.max_seq_len:
         raise ValueError(f"--tokens {args.tokens} exceeds the model's context of {model_args.max_seq_len}")
-    caches = [CacheConfig(m, args.group_size, args.residual_length, args.sink_tokens) for m in modes]
     for cache in caches:
         cache.check(model_args.head_dim)
     model = build_model(model_args, state_dict, device, dtype)
@@ -104,8 +93,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

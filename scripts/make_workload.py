@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from generate import run_cli  # noqa: E402
+
 WORDS = """the of and to in is was for that with as on by at from his her they this which an be are or
 had not but have one were their all there has been first its new time after who also two more other
 when into only some over such city year world work people state water school music house river war
@@ -72,8 +74,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)
