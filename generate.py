@@ -175,6 +175,33 @@ def runtime(args: argparse.Namespace, kv_modes: str) -> tuple[list[CacheConfig],
     return [CacheConfig(m, args.group_size, args.residual_length, args.sink_tokens) for m in modes], device, dtype
 
 
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Generation options shared by generate.py and batch generation."""
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=200, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step (default: on for CUDA, off for CPU)")
+
+
+def sampling_from(args: argparse.Namespace) -> Sampling:
+    """The checked sampling options of add_sampling_args."""
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be at least 1")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    sampling.check()
+    return sampling
+
+
+def compiled_if_asked(step: Callable, args: argparse.Namespace, device: torch.device) -> Callable:
+    """The step compiled into CUDA graphs when --compile says so (default: on CUDA)."""
+    if args.compile if args.compile is not None else device.type == "cuda":
+        return torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    return step
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Run a command's main: an expected failure prints one line and exits 1."""
     try:
@@ -193,14 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prompt.add_argument("--prompt-file", type=Path)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--batch-size", type=parse_batch_size, default=1, help="a number, or auto: the largest that fits")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=1234)
+    add_sampling_args(p)
     add_runtime_args(p)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the decode step (default: on for CUDA, off for CPU)")
     return p.parse_args(argv)
 
 
@@ -233,11 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     from tokenizer import load_tokenizer
 
     args = parse_args(argv)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    sampling.check()
+    sampling = sampling_from(args)
     (cache,), device, dtype = runtime(args, args.kv)
-    if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be at least 1")
     text = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else args.prompt
     if not text.strip():
         raise ValueError("the prompt is empty")
@@ -259,9 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     del state_dict
 
     torch.manual_seed(args.seed)
-    step = decode_step
-    if args.compile if args.compile is not None else device.type == "cuda":
-        step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+    step = compiled_if_asked(decode_step, args, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     outputs, stats = generate(model, [prompt] * batch_size, args.max_new_tokens, sampling, cache,

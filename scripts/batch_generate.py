@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from generate import (Sampling, add_runtime_args, parse_batch_size, plan_batch_size, prefill, run_cli, runtime, sample,
-                      setup_caches)
+from generate import (Sampling, add_runtime_args, add_sampling_args, compiled_if_asked, parse_batch_size,
+                      plan_batch_size, prefill, run_cli, runtime, sample, sampling_from, setup_caches)
 from kivi_cache import CacheConfig
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
@@ -269,14 +269,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=parse_batch_size, default="auto", help="cache slots, or auto")
     p.add_argument("--no-refill", action="store_true", help="static batches: the next B prompts start when all B end")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="default for lines that do not set it")
-    p.add_argument("--temperature", type=float, default=0.8, help="default for lines that do not set it (0: greedy)")
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=1234)
+    add_sampling_args(p)  # --max-new-tokens and --temperature: defaults for lines that do not set them
     add_runtime_args(p)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the decode step (default: on for CUDA, off for CPU)")
     return p.parse_args(argv)
 
 
@@ -286,11 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     from tokenizer import load_tokenizer
 
     args = parse_args(argv)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    sampling.check()
+    sampling = sampling_from(args)
     (cache,), device, dtype = runtime(args, args.kv)
-    if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be at least 1")
     with open(args.input, encoding="utf-8") as f:
         lines = f.readlines()
 
@@ -298,9 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = None if args.random_weights else load_tokenizer(resolve_checkpoint(args.checkpoint))
     cache.check(model.args.head_dim)
     torch.manual_seed(args.seed)
-    step = decode_step_per_slot
-    if args.compile if args.compile is not None else device.type == "cuda":
-        step = torch.compile(decode_step_per_slot, mode="reduce-overhead", fullgraph=True)
+    step = compiled_if_asked(decode_step_per_slot, args, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stats = run_batch(model, tokenizer, lines, args.output, args.batch_size, cache, sampling, args.max_new_tokens,

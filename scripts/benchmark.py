@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from tqdm import tqdm
 
-from generate import Sampling, add_runtime_args, decode_step, generate, run_cli, runtime
+from generate import Sampling, add_runtime_args, compiled_if_asked, decode_step, generate, run_cli, runtime
 from kivi_cache import CacheConfig
 from model import CONFIGS, ModelArgs, Transformer, build_model
 from planner import device_budget, max_batch_size, planned_bytes
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--prompt-len + --gen-len = {seq_len} exceeds the model's context of {model.args.max_seq_len}")
     for cache in caches:
         cache.check(model.args.head_dim)
-    compiled = args.compile if args.compile is not None else device.type == "cuda"
-    step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True) if compiled else decode_step
+    step = compiled_if_asked(decode_step, args, device)
 
     points = []
     for cache in caches:
