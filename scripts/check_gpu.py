@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch._dynamo.utils
 
-from generate import CacheConfig, Sampling, prefill, setup_caches
+from generate import Sampling, prefill, setup_caches
+from kivi_cache import CacheConfig
 from model import ModelArgs, Transformer, build_model
 
 SHAPES = {  # small models of the two head sizes the kernels serve
