@@ -130,7 +130,7 @@ class KiviCache(nn.Module):
         """k, v [n, H, T, D]: positions 0..T-1 of the n slots (see the flush rule at the top)."""
         T = k.shape[2]
         G, R, S = self.group_size, self.residual_len, self.n_sink
-        n_q = 0 if T < R else G * ((T - R) // G + 1)
+        n_q = int(n_quantized(torch.tensor(T), R, G))
         if S > 0:
             self.k_sink[slots, :, : min(S, T)] = k[:, :, :S]
             self.v_sink[slots, :, : min(S, T)] = v[:, :, :S]

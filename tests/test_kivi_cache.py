@@ -37,14 +37,7 @@ def make_cache(mode, max_batch, n_kv_heads, head_dim, max_seq_len, dtype, device
 STORE = ("k_packed", "k_scale", "k_min", "v_packed", "v_scale", "v_min")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny tensors: one intra-op thread; several spin-waiting threads on 2 shared cores make
-    these tests ten times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def n_q_of(length: int, R: int, G: int) -> int:

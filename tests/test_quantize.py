@@ -31,14 +31,7 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat1
 TINY = {torch.float32: 0.0, torch.float16: 2.0**-24, torch.bfloat16: 0.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny tensors: one intra-op thread; several spin-waiting threads on 2 shared cores make
-    these tests ten times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def random_data(shape, seed, magnitude, pattern, dtype=torch.float32):
