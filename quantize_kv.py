@@ -88,11 +88,11 @@ def pack(codes: Tensor, bits: int, dim: int) -> Tensor:
     n = codes.shape[dim]
     if n % per_word != 0:
         raise ValueError(f"axis of length {n} is not a multiple of {per_word} codes per word")
-    chunks = codes.to(torch.int32).clamp(0, 2**bits - 1).unflatten(dim, (per_word, n // per_word))
-    words = torch.zeros_like(chunks.select(dim, 0))
-    for j in range(per_word):
-        words |= chunks.select(dim, j) << (j * bits)
-    return words
+    chunks = codes.long().clamp(0, 2**bits - 1).unflatten(dim, (per_word, n // per_word))
+    shifts = torch.arange(0, 32, bits, device=codes.device).view(-1, *[1] * (codes.dim() - dim))
+    # The shifted codes' bits are disjoint, so their int64 sum is their OR (< 2^32); the cast
+    # keeps the low 32 bits (a set bit 31 reads as a negative int32). One kernel, not a loop.
+    return (chunks << shifts).sum(dim).to(torch.int32)
 
 
 def unpack(words: Tensor, bits: int, dim: int) -> Tensor:

@@ -11,8 +11,9 @@ The cache holds B slots. When a sequence ends, the next prompt is prefilled into
 while the other slots keep decoding: the decode step always runs on all B slots (one CUDA
 graph), with a temperature per slot held in a device tensor. The host reads the tokens every
 SYNC_EVERY steps, so a slot may run a few steps past its end; those tokens are dropped.
-Each record is appended and fsynced as its prompt ends. A re-run with the same OUTPUT skips
-the ids and the error lines already there, so a killed run resumes where it stopped.
+Each record is appended and flushed as its prompt ends (and fsynced within FSYNC_EVERY_S
+seconds). A re-run with the same OUTPUT skips the ids and the error lines already there, so
+a killed run resumes where it stopped.
 """
 
 import argparse
@@ -33,12 +34,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from generate import (Sampling, add_runtime_args, add_sampling_args, compiled_if_asked, parse_batch_size,
-                      plan_batch_size, prefill, run_cli, runtime, sample, sampling_from, setup_caches)
+                      plan_batch_size, prefill, run_cli, runtime, sample, sampling_from, setup_caches, sync)
 from kivi_cache import CacheConfig
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
 SYNC_EVERY = 16
+FSYNC_EVERY_S = 5.0
 
 
 @dataclass
@@ -153,7 +155,6 @@ def read_done(path: Path) -> tuple[set, set[int]]:
 def write_record(f: TextIO, record: dict) -> None:
     f.write(json.dumps(record, ensure_ascii=False) + "\n")  # one write of a whole line
     f.flush()
-    os.fsync(f.fileno())
 
 
 def finish(job: Job, tokenizer: Tokenizer | None, eos_ids: set[int]) -> dict | None:
@@ -189,9 +190,12 @@ def pick_batch_size(requested: int | str, model: Transformer, cache: CacheConfig
 
 @torch.inference_mode()
 def generate_jobs(model: Transformer, tokenizer: Tokenizer | None, jobs: list[Job], batch_size: int,
-                  max_seq_len: int, cache: CacheConfig, sampling: Sampling, step, refill: bool) -> Iterator[dict]:
+                  max_seq_len: int, cache: CacheConfig, sampling: Sampling, step, refill: bool,
+                  stats: dict) -> Iterator[dict]:
     """Run the jobs in batch_size cache slots, yielding each one's record as it ends. A slot
-    is refilled as soon as it is free, or (refill False) once every slot is free."""
+    is refilled as soon as it is free, or (refill False) once every slot is free. The first
+    item yielded is None, once the step is compiled and captured (the clock may start).
+    stats["prefill_s"] accumulates the time the refills' prefills take."""
     device = model.tok_embeddings.weight.device
     eos_ids = tokenizer.eos_ids if tokenizer is not None else set()
     B, K = batch_size, SYNC_EVERY
@@ -199,10 +203,15 @@ def generate_jobs(model: Transformer, tokenizer: Tokenizer | None, jobs: list[Jo
     window = torch.zeros(B, K + 1, dtype=torch.long, device=device)  # column 0: each slot's next input
     input_pos = torch.zeros(B, dtype=torch.long, device=device)
     temperature = torch.zeros(B, device=device)
+    for _ in range(3):  # compilation and CUDA-graph capture, on idle slots at position 0
+        step(model, window[:, :1], input_pos, temperature, sampling)
+    yield None
     slots: list[Job | None] = [None] * B
     pending = deque(jobs)
     while pending or any(job is not None for job in slots):
         fresh = set()
+        sync(device)
+        t0 = time.perf_counter()
         if refill or all(job is None for job in slots):
             for b in range(B):
                 if slots[b] is None and pending:
@@ -211,6 +220,8 @@ def generate_jobs(model: Transformer, tokenizer: Tokenizer | None, jobs: list[Jo
                     window[b, 0] = prefill(model, [job.prompt], [b], replace(sampling, temperature=job.temperature))[0]
                     input_pos[b] = len(job.prompt)
                     temperature[b] = job.temperature
+        sync(device)
+        stats["prefill_s"] += time.perf_counter() - t0
         if idle := [b for b in range(B) if slots[b] is None]:
             input_pos[idle] = 0  # idle slots run at the cheapest valid position; their output is ignored
         for k in range(K):
@@ -241,20 +252,32 @@ def run_batch(model: Transformer, tokenizer: Tokenizer | None, lines: list[str],
                              done_ids, done_lines)
     max_seq_len = max((len(job.prompt) + job.max_new_tokens for job in jobs), default=0)
     batch_size = pick_batch_size(batch_size, model, cache, max_seq_len, len(jobs)) if jobs else 0
-    stats = {"prompts": 0, "errors": len(errors), "tokens": 0, "batch_size": batch_size}
+    stats = {"prompts": 0, "errors": len(errors), "tokens": 0, "batch_size": batch_size, "warmup_s": 0.0,
+             "prefill_s": 0.0}
     bar = tqdm(total=len(jobs), unit="prompt", disable=not progress)
     with open(out_path, "a", encoding="utf-8") as out, bar:
         for record in errors:
             write_record(out, record)
         if jobs:
-            for record in generate_jobs(model, tokenizer, jobs, batch_size, max_seq_len, cache, sampling, step, refill):
+            synced = time.perf_counter()
+            for record in generate_jobs(model, tokenizer, jobs, batch_size, max_seq_len, cache, sampling, step,
+                                        refill, stats):
+                if record is None:  # warm-up done: compilation is not counted in the throughput
+                    stats["warmup_s"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    continue
                 write_record(out, record)
+                if time.perf_counter() - synced > FSYNC_EVERY_S:  # flushed lines survive a crash of this process;
+                    # fsync (against a crash of the machine) blocks the host, and so the GPU, for a disk write
+                    os.fsync(out.fileno())
+                    synced = time.perf_counter()
                 stats["prompts"] += 1
                 stats["tokens"] += record["completion_tokens"]
                 bar.update()
                 bar.set_postfix_str(f"{stats['tokens'] / (time.perf_counter() - t0):.1f} tokens/s")
                 if stats["prompts"] == stop_after:
                     break
+        os.fsync(out.fileno())
     stats["seconds"] = time.perf_counter() - t0
     return stats
 
@@ -294,10 +317,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     stats = run_batch(model, tokenizer, lines, args.output, args.batch_size, cache, sampling, args.max_new_tokens,
                       step, args.chat, refill=not args.no_refill)
-    peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB" if device.type == "cuda" else "n/a on CPU"
+    peak = "n/a on CPU"
+    if device.type == "cuda":
+        retries = torch.cuda.memory_stats(device)["num_alloc_retries"]
+        peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB ({retries} allocator retries)"
     print(f"{stats['prompts']} prompts (bad lines: {stats['errors']}), {stats['tokens']} tokens in "
-          f"{stats['seconds']:.1f} s: {stats['tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s; "
-          f"batch size {stats['batch_size']}, {args.kv} cache; peak memory {peak}", file=sys.stderr)
+          f"{stats['seconds']:.1f} s (prefill {stats['prefill_s']:.1f} s): "
+          f"{stats['tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s; "
+          f"batch size {stats['batch_size']}, {args.kv} cache; peak memory {peak}; "
+          f"compilation and warm-up {stats['warmup_s']:.1f} s before that", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@
 With --random-weights, --checkpoint names a model shape (or a folder whose config.json
 gives one) built with random weights: speed does not depend on their values. Each point
 runs a short warm-up generation (compilation and CUDA-graph capture), then a timed one on
-the same caches. A batch the memory planner says cannot fit is reported as such and not
-run; `auto` is the planner's largest batch. Writes a table, a JSON file and a PNG of
-throughput and peak memory against batch size per mode.
+the same caches; the compiled step is reset between points, so each batch gets its own graph
+and no memory of an earlier one. A batch the memory planner says cannot fit is reported as
+such and not run; `auto` is the planner's largest batch. Writes a table, a JSON file and a
+PNG of throughput and peak memory against batch size per mode. The JSON is rewritten after
+every point, and a run with the same settings and --out keeps the points already there:
+an interrupted sweep resumes, and one split into several runs (one --kv mode each, say)
+ends in one file and one plot.
 """
 
 import argparse
@@ -105,6 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     for cache in caches:
         cache.check(model.args.head_dim)
     step = compiled_if_asked(decode_step, args, device)
+    meta = {"checkpoint": args.checkpoint, "random_weights": args.random_weights,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "dtype": str(dtype), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "budget_gb": budget / 1e9}
+    json_path = args.out.with_suffix(".json")
+    earlier = json.loads(json_path.read_text()) if json_path.exists() else {"meta": meta, "results": []}
+    if earlier["meta"] != meta:
+        raise ValueError(f"{json_path} holds a run with other settings ({earlier['meta']}): choose another --out")
+    done = {(r["kv"], r["batch_size"]): r for r in earlier["results"]}
 
     points = []
     for cache in caches:
@@ -114,12 +126,18 @@ def main(argv: list[str] | None = None) -> None:
             if (cache.kv, batch) not in [(q["kv"], q["batch_size"]) for q in points] and batch > 0:
                 points.append({"kv": cache.kv, "batch_size": batch, "auto": b == "auto", "fits": batch <= largest,
                                "planned_peak_gb": planned_bytes(model.args, cache, seq_len, dtype, batch) / 1e9})
-    results = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = [r for key, r in done.items() if key not in [(q["kv"], q["batch_size"]) for q in points]]
     for point in tqdm(points, desc="benchmark", unit="point", file=sys.stderr):
+        key = (point["kv"], point["batch_size"])
         cache = next(c for c in caches if c.kv == point["kv"])
-        if point["fits"]:
+        if key in done:
+            point = done[key] | {"auto": point["auto"] or done[key]["auto"]}
+        elif point["fits"]:
+            torch._dynamo.reset()
             point.update(run_point(model, cache, point["batch_size"], args.prompt_len, args.gen_len, step))
         results.append(point)
+        json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
 
     print(f"{'kv':>6} {'batch':>6} {'tokens/s':>10} {'peak GB':>8} {'planned':>8} {'kv GB':>7} {'prefill s':>9}")
     for r in results:
@@ -129,10 +147,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"{r['kv']:>6} {r['batch_size']:6d}  does not fit: the planner needs {r['planned_peak_gb']:.1f} GB "
                   f"of {budget / 1e9:.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "dtype": str(dtype), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "budget_gb": budget / 1e9}
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     plot(results, args.out.with_suffix(".png"), f"{args.checkpoint}, prompt {args.prompt_len}, generate {args.gen_len}")
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
 

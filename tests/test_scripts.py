@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from kivi_cache import CacheConfig
@@ -33,6 +34,16 @@ def test_benchmark_runs_points_and_reports_what_does_not_fit(tmp_path):
         assert by_point[(mode, 1)]["tokens_per_s"] > 0
         auto = next(r for r in results if r["kv"] == mode and r["auto"])
         assert auto["batch_size"] >= 3 and auto["tokens_per_s"] > 0
+
+    # A second run on the same --out keeps the first run's points and adds its own.
+    common = ["--checkpoint", str(tmp_path / "tiny"), "--random-weights", "--device", "cpu", "--prompt-len", "12",
+              "--memory-budget", str(budget / 1e9), "--out", str(out)]
+    benchmark.main(common + ["--kv", "kivi4,fp16", "--gen-len", "6", "--batch-size", "1"])
+    again = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert {(r["kv"], r["batch_size"]) for r in again} == set(by_point) | {("kivi4", 1)}
+    assert next(r for r in again if (r["kv"], r["batch_size"]) == ("fp16", 1)) == by_point[("fp16", 1)]
+    with pytest.raises(ValueError, match="other settings"):
+        benchmark.main(common + ["--kv", "fp16", "--gen-len", "7", "--batch-size", "1"])
 
 
 def test_needle_eval_runs_on_the_embedded_model(tmp_path):

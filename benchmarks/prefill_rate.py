@@ -1,0 +1,34 @@
+"""Prefill rate, one prompt a forward as batch generation refills a slot, per cache mode and
+prompt length: the part of a refill workload's time that no cache mode shortens.
+Llama-2-7B shape, random bf16 weights. Needs CUDA.
+
+    python benchmarks/prefill_rate.py
+"""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from generate import Sampling, prefill, setup_caches
+from kivi_cache import CacheConfig
+from model import ModelArgs, build_model
+
+model = build_model(ModelArgs.from_name("llama-2-7b"), None, torch.device("cuda"), torch.bfloat16)
+gen = torch.Generator().manual_seed(0)
+with torch.inference_mode():
+    for mode in ("fp16", "kivi2"):
+        setup_caches(model, CacheConfig(mode), 8, 2600)
+        for length in (100, 1000, 2000):
+            prompts = torch.randint(0, 32000, (8, length), generator=gen).tolist()
+            prefill(model, prompts[:1], [0], Sampling())
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for b, p in enumerate(prompts):
+                prefill(model, [p], [b], Sampling())
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / len(prompts)
+            print(f"prefill {mode:5} {length:5} tokens: {dt * 1e3:7.1f} ms a prompt, {length / dt:8.0f} tokens/s")
