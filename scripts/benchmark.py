@@ -118,18 +118,18 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"{json_path} holds a run with other settings ({earlier['meta']}): choose another --out")
     done = {(r["kv"], r["batch_size"]): r for r in earlier["results"]}
 
-    points = []
+    points = {}  # (kv, batch) -> point
     for cache in caches:
         largest = max_batch_size(model.args, cache, seq_len, dtype, budget)
         for b in batch_sizes:
             batch = largest if b == "auto" else b
-            if (cache.kv, batch) not in [(q["kv"], q["batch_size"]) for q in points] and batch > 0:
-                points.append({"kv": cache.kv, "batch_size": batch, "auto": b == "auto", "fits": batch <= largest,
-                               "planned_peak_gb": planned_bytes(model.args, cache, seq_len, dtype, batch) / 1e9})
+            if (cache.kv, batch) not in points and batch > 0:
+                points[cache.kv, batch] = {
+                    "kv": cache.kv, "batch_size": batch, "auto": b == "auto", "fits": batch <= largest,
+                    "planned_peak_gb": planned_bytes(model.args, cache, seq_len, dtype, batch) / 1e9}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    results = [r for key, r in done.items() if key not in [(q["kv"], q["batch_size"]) for q in points]]
-    for point in tqdm(points, desc="benchmark", unit="point", file=sys.stderr):
-        key = (point["kv"], point["batch_size"])
+    results = [r for key, r in done.items() if key not in points]
+    for key, point in tqdm(points.items(), desc="benchmark", unit="point", file=sys.stderr):
         cache = next(c for c in caches if c.kv == point["kv"])
         if key in done:
             point = done[key] | {"auto": point["auto"] or done[key]["auto"]}
