@@ -27,13 +27,14 @@ import torch
 from torch import Tensor, nn
 
 import kernels  # noqa: F401  registers torch.ops.kivi
-from kernels.reference import hide_sinks
-from quantize_kv import check_bits, quantize_keys, quantize_values
+from quantize_kv import check_bits
 
 
-def n_quantized(lengths: Tensor, residual_len: int, group_size: int) -> Tensor:
-    """Tokens of each slot held in the packed store, for slot lengths [B] (see the top)."""
-    full = (lengths - residual_len).clamp(min=-group_size) // group_size + 1
+def n_quantized(lengths: Tensor | int, residual_len: int, group_size: int) -> Tensor | int:
+    """Tokens held in the packed store, for slot lengths [B] (int32) or one length (see the top)."""
+    full = (lengths - residual_len) // group_size + 1  # floor division: <= 0 below R
+    if isinstance(full, int):
+        return group_size * max(full, 0)
     return (group_size * full).clamp(min=0).to(torch.int32)
 
 
@@ -130,23 +131,21 @@ class KiviCache(nn.Module):
         """k, v [n, H, T, D]: positions 0..T-1 of the n slots (see the flush rule at the top)."""
         T = k.shape[2]
         G, R, S = self.group_size, self.residual_len, self.n_sink
-        n_q = int(n_quantized(torch.tensor(T), R, G))
+        n_q = n_quantized(T, R, G)
         if S > 0:
             self.k_sink[slots, :, : min(S, T)] = k[:, :, :S]
             self.v_sink[slots, :, : min(S, T)] = v[:, :, :S]
         if n_q > 0:
-            first = torch.zeros(k.shape[0], dtype=torch.long, device=k.device)
-            kp, ks, km = quantize_keys(hide_sinks(k[:, :, :n_q], first, S), self.bits_k, G)
-            vp, vs, vm = quantize_values(v[:, :, :n_q], self.bits_v, G)
-            self.k_packed[slots, :, : kp.shape[2]] = kp
-            self.k_scale[slots, :, : n_q // G] = ks
-            self.k_min[slots, :, : n_q // G] = km
-            self.v_packed[slots, :, :n_q] = vp
-            self.v_scale[slots, :, :n_q] = vs
-            self.v_min[slots, :, :n_q] = vm
-        ring_idx = torch.arange(n_q, T, device=k.device) % R
-        self.k_ring[slots[:, None], :, ring_idx] = k[:, :, n_q:].transpose(1, 2)
-        self.v_ring[slots[:, None], :, ring_idx] = v[:, :, n_q:].transpose(1, 2)
+            torch.ops.kivi.quantize_prompt(
+                k[:, :, :n_q], v[:, :, :n_q], slots, self.k_packed, self.k_scale, self.k_min, self.v_packed,
+                self.v_scale, self.v_min, self.bits_k, self.bits_v, G, S,
+            )
+        # positions n_q .. T-1 (at most R) at ring index p % R: two runs, wrapping at most once
+        first = min(T - n_q, R - n_q % R)
+        for ring, x in ((self.k_ring, k), (self.v_ring, v)):
+            ring[slots, :, n_q % R : n_q % R + first] = x[:, :, n_q : n_q + first]
+            if first < T - n_q:
+                ring[slots, :, : T - n_q - first] = x[:, :, n_q + first :]
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Append k, v [B, H, D] at input_pos [B], flush full rings, attend q [B, Hq, D]."""

@@ -6,18 +6,21 @@ device and torch.compile sees them as known mutations:
     torch.ops.kivi.flush(k_ring, v_ring, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
         lengths, bits_k, bits_v, group_size, n_sink)   mutates the packed stores
     torch.ops.kivi.append(k_ring, v_ring, k, v, input_pos)   ring[b, :, input_pos[b] % R] = k[b]
+    torch.ops.kivi.quantize_prompt(k, v, slots, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
+        bits_k, bits_v, group_size, n_sink)   prefill: whole groups into the store, mutates it
 
 (The Python names end in _op so that they do not shadow the kernel modules.) The default
 implementation is the pure-PyTorch reference (kernels/reference.py); CUDA
-tensors go to the Triton kernels (kernels/decode_attention.py, kernels/flush.py).
+tensors go to the Triton kernels (kernels/decode_attention.py, kernels/quantize.py).
 """
 
 import torch
 from torch import Tensor
 
 from kernels.decode_attention import decode_attention as decode_attention_triton
-from kernels.flush import flush as flush_triton
-from kernels.reference import decode_attention_reference, flush_reference
+from kernels.quantize import flush as flush_triton
+from kernels.quantize import quantize_prompt as quantize_prompt_triton
+from kernels.reference import decode_attention_reference, flush_reference, quantize_prompt_reference
 
 
 @torch.library.custom_op("kivi::decode_attention", mutates_args=())
@@ -40,9 +43,10 @@ def _(q: Tensor, *args, **kwargs) -> Tensor:
 decode_attention_op.register_kernel("cuda")(decode_attention_triton)
 
 
-@torch.library.custom_op(
-    "kivi::flush", mutates_args=("k_packed", "k_scale", "k_min", "v_packed", "v_scale", "v_min")
-)
+STORE = ("k_packed", "k_scale", "k_min", "v_packed", "v_scale", "v_min")  # what flush and prefill write
+
+
+@torch.library.custom_op("kivi::flush", mutates_args=STORE)
 def flush_op(
     k_ring: Tensor, v_ring: Tensor,
     k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
@@ -58,6 +62,24 @@ def _(*args, **kwargs) -> None:
 
 
 flush_op.register_kernel("cuda")(flush_triton)
+
+
+@torch.library.custom_op("kivi::quantize_prompt", mutates_args=STORE)
+def quantize_prompt_op(
+    k: Tensor, v: Tensor, slots: Tensor,
+    k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
+    bits_k: int, bits_v: int, group_size: int, n_sink: int,
+) -> None:
+    quantize_prompt_reference(k, v, slots, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
+                              bits_k, bits_v, group_size, n_sink)
+
+
+@quantize_prompt_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
+quantize_prompt_op.register_kernel("cuda")(quantize_prompt_triton)
 
 
 @torch.library.custom_op("kivi::append", mutates_args=("k_ring", "v_ring"))

@@ -145,14 +145,15 @@ def _frame_max(x):
 
 @triton.jit
 def _attend_fp(q, k, v, valid, m_i, l_i, acc, qk_scale):
-    """One online-softmax step over fp tokens: q [HP, D], k, v [N, D], valid [N]."""
-    s = tl.dot(q, tl.trans(k)) * qk_scale  # [HP, N]
+    """One online-softmax step over fp tokens: q [HP, D], k, v [N, D], valid [N]. fp32 tiles
+    multiply in full fp32 ("ieee"), not TF32, as torch's fp32 matmuls do by default."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee" if q.dtype == tl.float32 else None) * qk_scale  # [HP, N]
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee" if v.dtype == tl.float32 else None)
     return m_new, l_i, acc
 
 

@@ -63,6 +63,26 @@ def flush_reference(
         buf.scatter_(2, idx, torch.where(due[:, None, None, None], new, old))
 
 
+def quantize_prompt_reference(
+    k: Tensor, v: Tensor, slots: Tensor,
+    k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
+    bits_k: int, bits_v: int, group_size: int, n_sink: int,
+) -> None:
+    """Quantize positions 0..T-1 of n prompts, k, v [n, H, T, D] with T a multiple of G, into
+    the stores of slots [n] (sinks hidden from group 0's key ranges)."""
+    G = group_size
+    T = k.shape[2]
+    kp, ks, km = quantize_keys(hide_sinks(k, torch.zeros(k.shape[0], dtype=torch.long, device=k.device), n_sink),
+                               bits_k, G)
+    vp, vs, vm = quantize_values(v, bits_v, G)
+    k_packed[slots, :, : kp.shape[2]] = kp
+    k_scale[slots, :, : T // G] = ks
+    k_min[slots, :, : T // G] = km
+    v_packed[slots, :, :T] = vp
+    v_scale[slots, :, :T] = vs
+    v_min[slots, :, :T] = vm
+
+
 def decode_attention_reference(
     q: Tensor, k_ring: Tensor, v_ring: Tensor, k_sink: Tensor, v_sink: Tensor,
     k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,

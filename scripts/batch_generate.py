@@ -195,7 +195,8 @@ def generate_jobs(model: Transformer, tokenizer: Tokenizer | None, jobs: list[Jo
     """Run the jobs in batch_size cache slots, yielding each one's record as it ends. A slot
     is refilled as soon as it is free, or (refill False) once every slot is free. The first
     item yielded is None, once the step is compiled and captured (the clock may start).
-    stats["prefill_s"] accumulates the time the refills' prefills take."""
+    stats["prefill_s"] and stats["decode_s"] accumulate the time of the refills' prefills and
+    of the decode windows (steps until their tokens reach the host)."""
     device = model.tok_embeddings.weight.device
     eos_ids = tokenizer.eos_ids if tokenizer is not None else set()
     B, K = batch_size, SYNC_EVERY
@@ -220,13 +221,15 @@ def generate_jobs(model: Transformer, tokenizer: Tokenizer | None, jobs: list[Jo
                     input_pos[b] = len(job.prompt)
                     temperature[b] = job.temperature
         sync(device)
-        stats["prefill_s"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        stats["prefill_s"] += t1 - t0
         if idle := [b for b in range(B) if slots[b] is None]:
             input_pos[idle] = 0  # idle slots run at the cheapest valid position; their output is ignored
         for k in range(K):
             window[:, k + 1] = step(model, window[:, k : k + 1], input_pos, temperature, sampling)
             input_pos.add_(1).clamp_(max=max_seq_len - 1)  # a slot past its end stays inside the cache
         new = window.tolist()
+        stats["decode_s"] += time.perf_counter() - t1
         window[:, 0] = window[:, K]
         for b, job in enumerate(slots):
             if job is None:
@@ -252,7 +255,7 @@ def run_batch(model: Transformer, tokenizer: Tokenizer | None, lines: list[str],
     max_seq_len = max((len(job.prompt) + job.max_new_tokens for job in jobs), default=0)
     batch_size = pick_batch_size(batch_size, model, cache, max_seq_len, len(jobs)) if jobs else 0
     stats = {"prompts": 0, "errors": len(errors), "tokens": 0, "batch_size": batch_size, "warmup_s": 0.0,
-             "prefill_s": 0.0}
+             "prefill_s": 0.0, "decode_s": 0.0}
     bar = tqdm(total=len(jobs), unit="prompt", disable=not progress)
     with open(out_path, "a", encoding="utf-8") as out, bar:
         for record in errors:
@@ -321,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         retries = torch.cuda.memory_stats(device)["num_alloc_retries"]
         peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB ({retries} allocator retries)"
     print(f"{stats['prompts']} prompts (bad lines: {stats['errors']}), {stats['tokens']} tokens in "
-          f"{stats['seconds']:.1f} s (prefill {stats['prefill_s']:.1f} s): "
+          f"{stats['seconds']:.1f} s (prefill {stats['prefill_s']:.1f} s, decode {stats['decode_s']:.1f} s, "
+          f"the rest on the host): "
           f"{stats['tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s; "
           f"batch size {stats['batch_size']}, {args.kv} cache; peak memory {peak}; "
           f"compilation and warm-up {stats['warmup_s']:.1f} s before that", file=sys.stderr)

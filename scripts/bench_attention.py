@@ -5,7 +5,8 @@ then time the fused KIVI op, bf16 SDPA on a [B, H, L, D] cache (best of its back
 op's plain-cache path (n_quantized 0, ring of R = L) on that same cache. Times are GPU times:
 a CUDA graph replays the call over enough copies of the inputs to exceed L2 several times
 (triton.testing.do_bench, median, L2 flushed before every replay), divided by the copies.
-Then the flush kernel with the predicate true for every slot, and false, and one decode step
+Then the flush kernel with the predicate true for every slot, and false; the prompt
+quantization of prefill (Triton against the reference, bit for bit, timed); one decode step
 (flush + attention through torch.ops) under torch.compile(mode="reduce-overhead",
 fullgraph=True) against eager. Random data; every slot at length L.
 
@@ -25,8 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402,F401  registers torch.ops.kivi
 from kernels.decode_attention import decode_attention  # noqa: E402
-from kernels.flush import flush  # noqa: E402
-from kernels.reference import decode_attention_reference, flush_reference  # noqa: E402
+from kernels.quantize import flush, quantize_prompt  # noqa: E402
+from kernels.reference import decode_attention_reference, flush_reference, quantize_prompt_reference  # noqa: E402
 
 SHAPES = [  # B, L, Hq, H, D
     (32, 4096, 32, 32, 128),
@@ -74,6 +75,12 @@ def cache_bytes(L: int, D: int, bits: int, itemsize: int) -> int:
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     assert not out.isnan().any(), "NaN in output"
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def same_bits(a: dict, b: dict) -> bool:
+    """Every buffer of two caches equal bit for bit."""
+    bits = lambda t: t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    return all(torch.equal(bits(a[name]), bits(b[name])) for name in a)
 
 
 def bench(calls: list) -> float:
@@ -189,9 +196,27 @@ def main() -> None:
         flush_reference(ref["k_ring"], ref["v_ring"], ref["k_packed"], ref["k_scale"], ref["k_min"], ref["v_packed"],
                         ref["v_scale"], ref["v_min"], due, bits, bits, G, 4)
         flush(*args(due))
-        exact = all(torch.equal(c[k].view(torch.int16) if c[k].dtype == dtype else c[k],
-                                ref[k].view(torch.int16) if ref[k].dtype == dtype else ref[k]) for k in c)
+        exact = same_bits(c, ref)
         flush_rows.append((bits, bench([lambda: flush(*args(due))]), bench([lambda: flush(*args(none))]), exact))
+        del c, ref
+
+    # prefill's quantization of one 2000-token prompt (1888 tokens quantized) into slot 5 of 8,
+    # k and v as the model makes them ([1, T, H, D] transposed), 4 sinks
+    T, H, D = n_quantized(2000), 32, 128
+    prompt_rows = []
+    for bits in (2, 4):
+        c = kivi_cache(8, H, 4096, D, bits, dtype)
+        k, v = (torch.randn(1, T, H, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(2))
+        slots = torch.tensor([5], device="cuda")
+        store = lambda bufs: [bufs[name] for name in ("k_packed", "k_scale", "k_min", "v_packed", "v_scale", "v_min")]
+        ref = {name: t.clone() for name, t in c.items()}
+        quantize_prompt_reference(k, v, slots, *store(ref), bits, bits, G, 4)
+        quantize_prompt(k, v, slots, *store(c), bits, bits, G, 4)
+        exact = same_bits(c, ref)
+        # plain do_bench (launches included): the reference is dozens of kernels, as prefill runs it
+        t_ref = triton.testing.do_bench(lambda: quantize_prompt_reference(k, v, slots, *store(ref), bits, bits, G, 4))
+        t_tri = triton.testing.do_bench(lambda: quantize_prompt(k, v, slots, *store(c), bits, bits, G, 4))
+        prompt_rows.append((bits, t_ref * 1e3, t_tri * 1e3, exact))
         del c, ref
 
     compiled_diff = check_compiled_step()
@@ -208,6 +233,11 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for bits, t_due, t_none, exact in flush_rows:
         print(f"| {bits}/{bits} | {t_due:.1f} | {t_none:.1f} | {exact} |")
+    print(f"\nprompt quantization, {T} tokens, H={H} D={D} bf16, 4 sinks, one layer (launches included)")
+    print("| bits | reference us | Triton us | speedup | bit-exact vs reference |")
+    print("| --- | --- | --- | --- | --- |")
+    for bits, t_ref, t_tri, exact in prompt_rows:
+        print(f"| {bits}/{bits} | {t_ref:.1f} | {t_tri:.1f} | {t_ref / t_tri:.1f}x | {exact} |")
     print(f"\ntorch.compile(reduce-overhead, fullgraph) flush + decode vs eager: max abs diff {compiled_diff:.2e}")
 
 

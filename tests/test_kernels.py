@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kernels.decode_attention import decode_attention
-from kernels.flush import flush
-from kernels.reference import decode_attention_reference, flush_reference, hide_sinks
+from kernels.quantize import flush, quantize_prompt
+from kernels.reference import decode_attention_reference, flush_reference, hide_sinks, quantize_prompt_reference
 from quantize_kv import quantize_keys, quantize_values
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,15 +131,40 @@ def test_batch_independence_and_empty_slot(nan_allocations):
     assert torch.allclose(out[1], alone[0], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "D, G, bits, S, dtype, const",
-    [
-        (64, 32, (2, 2), 4, torch.float32, False),
-        (128, 64, (4, 2), 0, torch.float16, True),
-        (64, 32, (2, 4), 4, torch.bfloat16, True),
-        (64, 64, (8, 8), 4, torch.float16, False),
-    ],
-)
+def random_store(B, H, L, D, G, bits_k, bits_v, dtype, g):
+    """Packed store buffers of random bits (what a kernel does not write must stay as is)."""
+    bufs = [torch.randint(-2**31, 2**31 - 1, (B, H, L * bits_k // 32, D), generator=g, dtype=torch.int32),
+            torch.randn(B, H, L // G, D, generator=g).to(dtype), torch.randn(B, H, L // G, D, generator=g).to(dtype),
+            torch.randint(-2**31, 2**31 - 1, (B, H, L, D * bits_v // 32), generator=g, dtype=torch.int32),
+            torch.randn(B, H, L, D // G, generator=g).to(dtype), torch.randn(B, H, L, D // G, generator=g).to(dtype)]
+    return [t.to(DEVICE) for t in bufs]
+
+
+def assert_same_bits(got_bufs, want_bufs):
+    bits = lambda t: t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    for got, want in zip(got_bufs, want_bufs):
+        assert torch.equal(bits(got), bits(want))
+
+
+QUANTIZE_CASES = [
+    (64, 32, (2, 2), 4, torch.float32, False),
+    (128, 64, (4, 2), 0, torch.float16, True),
+    (64, 32, (2, 4), 4, torch.bfloat16, True),
+    (64, 64, (8, 8), 4, torch.float16, False),
+]
+
+
+def random_kv(shape, D, G, const, dtype, g):
+    """Keys with outlier channels and values; `const` makes constant groups (scale 0, codes 0)."""
+    k = torch.randn(*shape, D, generator=g) * 3
+    v = torch.randn(*shape, D, generator=g)
+    if const:
+        k[..., :3] = 1.25
+        v[..., :G] = -0.5
+    return k.to(dtype).to(DEVICE), v.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("D, G, bits, S, dtype, const", QUANTIZE_CASES)
 def test_flush(D, G, bits, S, dtype, const):
     """Bit for bit on codes, scales and mins; untouched where the predicate is false. Slots:
     group 0 (sinks hidden), a later group, one token past due, not yet full."""
@@ -148,21 +173,29 @@ def test_flush(D, G, bits, S, dtype, const):
     bits_k, bits_v = bits
     B, H, R, L = 4, 2, 2 * G, 8 * G
     g = torch.Generator().manual_seed(2)
-    k_ring = torch.randn(B, H, R, D, generator=g) * 3
-    v_ring = torch.randn(B, H, R, D, generator=g)
-    if const:  # constant groups: scale 0, codes 0, min the value
-        k_ring[:, :, :, :3] = 1.25
-        v_ring[:, :, :, :G] = -0.5
-    k_ring, v_ring = k_ring.to(dtype).to(DEVICE), v_ring.to(dtype).to(DEVICE)
-    bufs = [torch.randint(-2**31, 2**31 - 1, (B, H, L * bits_k // 32, D), generator=g, dtype=torch.int32),
-            torch.randn(B, H, L // G, D, generator=g).to(dtype), torch.randn(B, H, L // G, D, generator=g).to(dtype),
-            torch.randint(-2**31, 2**31 - 1, (B, H, L, D * bits_v // 32), generator=g, dtype=torch.int32),
-            torch.randn(B, H, L, D // G, generator=g).to(dtype), torch.randn(B, H, L, D // G, generator=g).to(dtype)]
-    bufs = [t.to(DEVICE) for t in bufs]
+    k_ring, v_ring = random_kv((B, H, R), D, G, const, dtype, g)
+    bufs = random_store(B, H, L, D, G, bits_k, bits_v, dtype, g)
     want = [t.clone() for t in bufs]
     lengths = torch.tensor([R, R + 3 * G, R + G + 1, R - 1], dtype=torch.int32, device=DEVICE)
     flush_reference(k_ring, v_ring, *want, lengths, bits_k, bits_v, G, S)
     flush(k_ring, v_ring, *bufs, lengths, bits_k, bits_v, G, S)
-    for got, ref in zip(bufs, want):
-        assert torch.equal(got.view(torch.int16) if got.dtype == torch.bfloat16 else got,
-                           ref.view(torch.int16) if ref.dtype == torch.bfloat16 else ref)
+    assert_same_bits(bufs, want)
+
+
+@pytest.mark.parametrize("D, G, bits, S, dtype, const", QUANTIZE_CASES)
+def test_quantize_prompt(D, G, bits, S, dtype, const):
+    """Bit for bit: 3 groups of 2 prompts into slots 3 and 0 of 4, from k, v laid out
+    [n, T, H, D] as the model makes them (strided views); the other slots and the store past
+    the prompt untouched."""
+    if dtype not in EXACT_DTYPES:
+        pytest.skip("the Triton interpreter truncates fp32 -> bf16; bf16 is checked on CUDA")
+    bits_k, bits_v = bits
+    B, H, T, L = 4, 2, 3 * G, 5 * G
+    g = torch.Generator().manual_seed(3)
+    k, v = (x.transpose(1, 2) for x in random_kv((2, T, H), D, G, const, dtype, g))  # [2, H, T, D]
+    bufs = random_store(B, H, L, D, G, bits_k, bits_v, dtype, g)
+    want = [t.clone() for t in bufs]
+    slots = torch.tensor([3, 0], device=DEVICE)
+    quantize_prompt_reference(k, v, slots, *want, bits_k, bits_v, G, S)
+    quantize_prompt(k, v, slots, *bufs, bits_k, bits_v, G, S)
+    assert_same_bits(bufs, want)

@@ -215,6 +215,7 @@ def test_n_quantized_follows_the_flush_rule_in_whole_groups(G, R):
             quantized += G
         expected.append(quantized)
     assert nq == expected
+    assert [n_quantized(length, R, G) for length in range(len(lengths))] == expected  # the int form prefill uses
     for length, q in enumerate(nq):
         assert q % G == 0 and q <= length  # whole groups of real tokens only
         if length >= R:

@@ -1,0 +1,55 @@
+"""Where a batch-generation run's time goes: runs scripts/batch_generate.py's loop on a
+workload and profiles a stretch of it (records --from to --to), then prints the GPU kernels
+by total time, the GPU's busy time against the wall time, and the run's own split into
+prefill, decode windows and host. Llama-2-7B shape, random bf16 weights. Needs CUDA.
+
+    python benchmarks/profile_batch.py results/workload.jsonl --kv kivi2 [--from 300 --to 340]
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from generate import Sampling
+from kivi_cache import CacheConfig
+from model import ModelArgs, build_model
+from scripts.batch_generate import decode_step_per_slot, generate_jobs, pick_batch_size, read_jobs
+
+p = argparse.ArgumentParser()
+p.add_argument("workload", type=Path)
+p.add_argument("--kv", default="kivi2")
+p.add_argument("--from", dest="first", type=int, default=300, help="start profiling after this many records")
+p.add_argument("--to", dest="last", type=int, default=340, help="stop after this many records")
+args = p.parse_args()
+
+torch.manual_seed(0)
+model = build_model(ModelArgs.from_name("llama-2-7b"), None, torch.device("cuda"), torch.bfloat16)
+jobs, _ = read_jobs(args.workload.read_text().splitlines(), None, model.args, False, 256, 0.0, set(), set())
+cache = CacheConfig(args.kv)
+max_seq_len = max(len(j.prompt) + j.max_new_tokens for j in jobs)
+batch_size = pick_batch_size("auto", model, cache, max_seq_len, len(jobs))
+step = torch.compile(decode_step_per_slot, mode="reduce-overhead", fullgraph=True)
+stats = {"prefill_s": 0.0, "decode_s": 0.0}
+records = generate_jobs(model, None, jobs, batch_size, max_seq_len, cache, Sampling(), step, True, stats)
+next(records)  # compiled and captured
+for _ in range(args.first):
+    next(records)
+before = dict(stats)
+t0 = time.perf_counter()
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    for _ in range(args.last - args.first):
+        next(records)
+    torch.cuda.synchronize()
+wall = time.perf_counter() - t0
+events = prof.key_averages()
+gpu_us = sum(e.self_device_time_total for e in events)
+print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+print(f"{args.kv}, batch {batch_size}, records {args.first}..{args.last}: wall {wall:.2f} s (profiled), "
+      f"GPU busy {gpu_us / 1e6:.2f} s; prefill {stats['prefill_s'] - before['prefill_s']:.2f} s, "
+      f"decode windows {stats['decode_s'] - before['decode_s']:.2f} s")

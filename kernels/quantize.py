@@ -1,0 +1,166 @@
+"""Quantize-and-pack whole groups into the KIVI store (the layouts of quantize_kv.py), bit for
+bit as the reference does (kernels/reference.py):
+
+  flush: the oldest G ring tokens of every slot whose ring became full with its last append.
+    Grid (B * H,), one program per (slot, kv head). The predicate length >= R and
+    (length - R) % G == 0 is evaluated inside the kernel, so the launch is the same every
+    step (CUDA-graph friendly); elsewhere the program exits after reading the length. The
+    group starts at p0 = length - R; token p sits at ring index p % R.
+  quantize_prompt: every group of a prefilled prompt, k, v [n, H, T, D] (any strides with
+    a dense last dim) into slots[i]. Grid (n * H, T / G), one program per (row, kv head, group).
+
+One group of one (slot, kv head), tokens p0 .. p0+G-1:
+  Keys, per channel over the G tokens: tile [PK, WK, D], token p0 + j * WK + i, so that the
+  word of row i is sum_j code[j, i] << (j * BITS_K) (strided packing of quantize_kv.py).
+  Positions below S (sinks, group 0 only) take the values of position S for min/max.
+  Values, per token over G channels: tile [G, NGV, JPG, WV], channel (g * JPG + jj) * WV + i,
+  word i of a token = sum_j code[j * WV + i] << (j * BITS_V) with j = g * JPG + jj.
+Arithmetic is quantize_kv.quantize's: fp32 statistics, min and scale rounded to the storage
+dtype before the codes, IEEE division, round half to even, a constant group -> scale 0, codes 0.
+"""
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + ROUND) - ROUND rounds half to even for |x| < 2^22
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _quantize(x, lo, hi, BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """Codes of x (fp32) against fp32 group min lo and max hi (broadcastable), and the stored
+    (scale, min) rounded to DTYPE."""
+    max_code: tl.constexpr = (1 << BITS) - 1
+    x_min = lo.to(DTYPE).to(tl.float32)
+    scale = tl.math.div_rn(hi - x_min, tl.full(hi.shape, max_code, tl.float32)).to(DTYPE).to(tl.float32)
+    safe = tl.where(scale > 0, scale, 1.0)
+    q = (tl.math.div_rn(x - x_min, safe) + ROUND) - ROUND
+    codes = tl.where(scale > 0, tl.minimum(tl.maximum(q, 0.0), max_code), 0.0).to(tl.int32)
+    return codes, scale.to(DTYPE), x_min.to(DTYPE)
+
+
+@triton.jit
+def _quantize_group(
+    K_SRC, k_stride, V_SRC, v_stride, MOD, p0, K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, bh,
+    L: tl.constexpr, S: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr,
+):
+    """Tokens p0 .. p0+G-1 (p0 % G == 0) of one (slot, kv head), token p read at
+    K_SRC + (p % MOD) * k_stride (and V's), into the store of (slot, kv head) bh."""
+    dtype = K_SCALE.dtype.element_ty
+    WK: tl.constexpr = G * BITS_K // 32
+    PK: tl.constexpr = 32 // BITS_K
+    j = tl.arange(0, PK)[:, None, None]
+    i = tl.arange(0, WK)[None, :, None]
+    d = tl.arange(0, D)[None, None, :]
+    pos = p0 + j * WK + i  # [PK, WK, 1]
+    k = tl.load(K_SRC + (pos % MOD) * k_stride + d).to(tl.float32)  # [PK, WK, D]
+    if S > 0:
+        k_first = tl.load(K_SRC + ((p0 + S) % MOD) * k_stride + d).to(tl.float32)  # [1, 1, D]
+        k = tl.where(pos < S, k_first, k)
+    lo = tl.min(tl.min(k, 0), 0)[None, None, :]
+    hi = tl.max(tl.max(k, 0), 0)[None, None, :]
+    codes, scale, k_min = _quantize(k, lo, hi, BITS_K, dtype)
+    words = tl.reduce(codes << (j * BITS_K), 0, _bit_or)  # [WK, D]
+    row = tl.arange(0, WK)[:, None]
+    col = tl.arange(0, D)
+    tl.store(K_PACKED + bh * (L * BITS_K // 32) * D + (p0 // G * WK + row) * D + col[None, :], words)
+    sc = bh * (L // G) * D + p0 // G * D + col
+    tl.store(K_SCALE + sc, tl.reshape(scale, [D]))
+    tl.store(K_MIN + sc, tl.reshape(k_min, [D]))
+
+    WV: tl.constexpr = D * BITS_V // 32
+    JPG: tl.constexpr = G // WV
+    NGV: tl.constexpr = D // G
+    t = tl.arange(0, G)[:, None, None, None]
+    g = tl.arange(0, NGV)[None, :, None, None]
+    jj = tl.arange(0, JPG)[None, None, :, None]
+    iv = tl.arange(0, WV)[None, None, None, :]
+    v = tl.load(V_SRC + ((p0 + t) % MOD) * v_stride + (g * JPG + jj) * WV + iv).to(tl.float32)  # [G, NGV, JPG, WV]
+    lo = tl.min(tl.min(v, 3), 2)[:, :, None, None]
+    hi = tl.max(tl.max(v, 3), 2)[:, :, None, None]
+    codes, scale, v_min = _quantize(v, lo, hi, BITS_V, dtype)
+    words = tl.reduce(tl.reduce(codes << ((g * JPG + jj) * BITS_V), 2, _bit_or), 1, _bit_or)  # [G, WV]
+    tok = (bh * L + p0 + tl.arange(0, G))[:, None]  # [G, 1]
+    tl.store(V_PACKED + tok * WV + tl.arange(0, WV)[None, :], words)
+    sc = tok * NGV + tl.arange(0, NGV)[None, :]  # [G, NGV]
+    tl.store(V_SCALE + sc, tl.reshape(scale, [G, NGV]))
+    tl.store(V_MIN + sc, tl.reshape(v_min, [G, NGV]))
+
+
+@triton.jit
+def _flush_kernel(
+    K_RING, V_RING, K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, LENGTHS,
+    H: tl.constexpr, L: tl.constexpr, R: tl.constexpr, S: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    BITS_K: tl.constexpr, BITS_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    length = tl.load(LENGTHS + pid // H)
+    if (length >= R) & ((length - R) % G == 0):
+        bh = pid.to(tl.int64)
+        ring = bh * R * D
+        _quantize_group(K_RING + ring, D, V_RING + ring, D, R, length - R,
+                        K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, bh, L, S, D, G, BITS_K, BITS_V)
+
+
+@triton.jit
+def _prompt_kernel(
+    K, V, SLOTS, K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN,
+    sk_n, sk_h, sk_t, sv_n, sv_h, sv_t, T,
+    H: tl.constexpr, L: tl.constexpr, S: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    BITS_K: tl.constexpr, BITS_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = (pid // H).to(tl.int64)
+    h = pid % H
+    bh = tl.load(SLOTS + row).to(tl.int64) * H + h
+    _quantize_group(K + row * sk_n + h * sk_h, sk_t, V + row * sv_n + h * sv_h, sv_t, T, tl.program_id(1) * G,
+                    K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, bh, L, S, D, G, BITS_K, BITS_V)
+
+
+def _check_store(bufs: tuple[Tensor, ...], n_sink: int, group_size: int) -> None:
+    if not all(t.is_contiguous() for t in bufs):
+        raise ValueError("cache buffers must be contiguous")
+    if n_sink >= group_size:
+        raise ValueError(f"{n_sink} sinks do not fit in the first group of {group_size} tokens")
+
+
+def flush(
+    k_ring: Tensor, v_ring: Tensor,
+    k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
+    lengths: Tensor, bits_k: int, bits_v: int, group_size: int, n_sink: int,
+) -> None:
+    """Triton implementation of kernels.reference.flush_reference (same arguments; buffers
+    contiguous, lengths int32)."""
+    B, H, R, D = k_ring.shape
+    _check_store((k_ring, v_ring, k_packed, k_scale, k_min, v_packed, v_scale, v_min), n_sink, group_size)
+    _flush_kernel[(B * H,)](
+        k_ring, v_ring, k_packed, k_scale, k_min, v_packed, v_scale, v_min, lengths,
+        H=H, L=v_packed.shape[2], R=R, S=n_sink, D=D, G=group_size, BITS_K=bits_k, BITS_V=bits_v,
+    )
+
+
+def quantize_prompt(
+    k: Tensor, v: Tensor, slots: Tensor,
+    k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
+    bits_k: int, bits_v: int, group_size: int, n_sink: int,
+) -> None:
+    """Triton implementation of kernels.reference.quantize_prompt_reference (same arguments;
+    store buffers contiguous, k and v with a dense last dim)."""
+    n, H, T, D = k.shape
+    _check_store((k_packed, k_scale, k_min, v_packed, v_scale, v_min), n_sink, group_size)
+    if k.stride(3) != 1 or v.stride(3) != 1:
+        raise ValueError("k and v need a dense last dim")
+    if T % group_size != 0:
+        raise ValueError(f"{T} prompt tokens are not whole groups of {group_size}")
+    if n == 0 or T == 0:
+        return
+    _prompt_kernel[(n * H, T // group_size)](
+        k, v, slots, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
+        *k.stride()[:3], *v.stride()[:3], T,
+        H=H, L=v_packed.shape[2], S=n_sink, D=D, G=group_size, BITS_K=bits_k, BITS_V=bits_v,
+    )
