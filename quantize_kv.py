@@ -63,7 +63,7 @@ def quantize(x: Tensor, bits: int, group_size: int, dim: int) -> tuple[Tensor, T
     x_min = x_min.to(x.dtype).float()
     # a tensor divisor: CUDA divides by a Python number as a multiply by its rounded inverse,
     # which is not the IEEE quotient the kernels compute
-    scale = ((x_max - x_min) / torch.full((), max_code, device=x.device)).to(x.dtype).float()
+    scale = ((x_max - x_min) / torch.full((), max_code, dtype=torch.float32, device=x.device)).to(x.dtype).float()
     safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = ((grouped - x_min) / safe_scale).round_().clamp_(0, max_code)
     codes = torch.where(scale > 0, codes, torch.zeros_like(codes))

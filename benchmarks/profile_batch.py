@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from generate import Sampling
@@ -31,6 +32,8 @@ args = p.parse_args()
 torch.manual_seed(0)
 model = build_model(ModelArgs.from_name("llama-2-7b"), None, torch.device("cuda"), torch.bfloat16)
 jobs, _ = read_jobs(args.workload.read_text().splitlines(), None, model.args, False, 256, 0.0, set(), set())
+if not 0 <= args.first < args.last <= len(jobs):
+    sys.exit(f"need 0 <= --from < --to <= {len(jobs)} (the workload's prompts)")
 cache = CacheConfig(args.kv)
 max_seq_len = max(len(j.prompt) + j.max_new_tokens for j in jobs)
 batch_size = pick_batch_size("auto", model, cache, max_seq_len, len(jobs))
@@ -48,8 +51,9 @@ with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     torch.cuda.synchronize()
 wall = time.perf_counter() - t0
 events = prof.key_averages()
-gpu_us = sum(e.self_device_time_total for e in events)
-print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+# kernels only: a kernel's time also shows under the op that launched it
+gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+print(events.table(sort_by="self_device_time_total", row_limit=25))
 print(f"{args.kv}, batch {batch_size}, records {args.first}..{args.last}: wall {wall:.2f} s (profiled), "
       f"GPU busy {gpu_us / 1e6:.2f} s; prefill {stats['prefill_s'] - before['prefill_s']:.2f} s, "
       f"decode windows {stats['decode_s'] - before['decode_s']:.2f} s")

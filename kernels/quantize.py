@@ -116,17 +116,21 @@ def _prompt_kernel(
 ):
     pid = tl.program_id(0)
     row = (pid // H).to(tl.int64)
-    h = pid % H
+    h = (pid % H).to(tl.int64)
     bh = tl.load(SLOTS + row).to(tl.int64) * H + h
-    _quantize_group(K + row * sk_n + h * sk_h, sk_t, V + row * sv_n + h * sv_h, sv_t, T, tl.program_id(1) * G,
+    p0 = tl.program_id(1).to(tl.int64) * G  # int64 positions: token offsets are p * stride
+    _quantize_group(K + row * sk_n + h * sk_h, sk_t, V + row * sv_n + h * sv_h, sv_t, T, p0,
                     K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, bh, L, S, D, G, BITS_K, BITS_V)
 
 
 def _check_store(bufs: tuple[Tensor, ...], n_sink: int, group_size: int) -> None:
+    D = bufs[-1].shape[3] * group_size
     if not all(t.is_contiguous() for t in bufs):
         raise ValueError("cache buffers must be contiguous")
     if n_sink >= group_size:
         raise ValueError(f"{n_sink} sinks do not fit in the first group of {group_size} tokens")
+    if D & (D - 1) or group_size & (group_size - 1):
+        raise ValueError(f"head_dim {D} and group size {group_size} must be powers of two for the Triton kernels")
 
 
 def flush(
@@ -153,10 +157,16 @@ def quantize_prompt(
     store buffers contiguous, k and v with a dense last dim)."""
     n, H, T, D = k.shape
     _check_store((k_packed, k_scale, k_min, v_packed, v_scale, v_min), n_sink, group_size)
+    if v.shape != k.shape or (H, D) != (k_scale.shape[1], k_scale.shape[3]):
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match a store of {H} heads of {D}")
+    if not k.dtype == v.dtype == k_scale.dtype:
+        raise ValueError(f"k and v ({k.dtype}, {v.dtype}) must have the store's dtype {k_scale.dtype}")
     if k.stride(3) != 1 or v.stride(3) != 1:
         raise ValueError("k and v need a dense last dim")
-    if T % group_size != 0:
-        raise ValueError(f"{T} prompt tokens are not whole groups of {group_size}")
+    if T % group_size != 0 or T > v_packed.shape[2]:
+        raise ValueError(f"{T} prompt tokens are not whole groups of {group_size} within {v_packed.shape[2]}")
+    if slots.shape != (n,) or slots.device != k.device or slots.is_floating_point():
+        raise ValueError(f"slots must be {n} integer indices on {k.device}")
     if n == 0 or T == 0:
         return
     _prompt_kernel[(n * H, T // group_size)](

@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB ({retries} allocator retries)"
     print(f"{stats['prompts']} prompts (bad lines: {stats['errors']}), {stats['tokens']} tokens in "
           f"{stats['seconds']:.1f} s (prefill {stats['prefill_s']:.1f} s, decode {stats['decode_s']:.1f} s, "
-          f"the rest on the host): "
+          f"host {stats['seconds'] - stats['prefill_s'] - stats['decode_s']:.1f} s): "
           f"{stats['tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s; "
           f"batch size {stats['batch_size']}, {args.kv} cache; peak memory {peak}; "
           f"compilation and warm-up {stats['warmup_s']:.1f} s before that", file=sys.stderr)

@@ -199,3 +199,19 @@ def test_quantize_prompt(D, G, bits, S, dtype, const):
     quantize_prompt_reference(k, v, slots, *want, bits_k, bits_v, G, S)
     quantize_prompt(k, v, slots, *bufs, bits_k, bits_v, G, S)
     assert_same_bits(bufs, want)
+
+
+def test_quantize_prompt_bad_input():
+    """Wrong dtype, a prompt longer than the store, slots of the wrong length: clear errors, no launch."""
+    g = torch.Generator().manual_seed(4)
+    B, H, D, G, L = 2, 2, 64, 32, 2 * 32
+    bufs = random_store(B, H, L, D, G, 2, 2, torch.float16, g)
+    k = torch.randn(1, H, G, D, generator=g).half().to(DEVICE)
+    slots = torch.tensor([1], device=DEVICE)
+    with pytest.raises(ValueError, match="dtype"):
+        quantize_prompt(k.float(), k.float(), slots, *bufs, 2, 2, G, 0)
+    long = torch.randn(1, H, L + G, D, generator=g).half().to(DEVICE)
+    with pytest.raises(ValueError, match="within"):
+        quantize_prompt(long, long, slots, *bufs, 2, 2, G, 0)
+    with pytest.raises(ValueError, match="slots"):
+        quantize_prompt(k, k, torch.tensor([0, 1], device=DEVICE), *bufs, 2, 2, G, 0)
