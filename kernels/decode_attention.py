@@ -351,10 +351,12 @@ def decode_attention(
     q: Tensor, k_ring: Tensor, v_ring: Tensor, k_sink: Tensor, v_sink: Tensor,
     k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
     lengths: Tensor, n_quantized: Tensor, bits_k: int, bits_v: int, group_size: int, sm_scale: float,
-    num_splits: int | None = None,
+    num_splits: int | None = None, num_warps: int = 4, block_scale: int = 1,
 ) -> Tensor:
     """Triton implementation of kernels.reference.decode_attention_reference (same arguments;
-    cache buffers contiguous, lengths and n_quantized int32). Returns [B, Hq, D] in q's dtype."""
+    cache buffers contiguous, lengths and n_quantized int32). Returns [B, Hq, D] in q's dtype.
+    num_splits, num_warps and block_scale (packed block = block_scale x the smallest) are
+    tuning knobs for benchmarks; the defaults are the measured best."""
     B, Hq, D = q.shape
     H, R, S, L = k_ring.shape[1], k_ring.shape[2], k_sink.shape[2], v_packed.shape[2]
     G = group_size
@@ -363,8 +365,7 @@ def decode_attention(
         raise ValueError("cache buffers must be contiguous and q's last dim dense")
     if D not in (64, 128) or {bits_k, bits_v} - {2, 4, 8} or G not in (32, 64, 128) or G > D or S > 16:
         raise ValueError(f"unsupported shape: head_dim {D}, bits {bits_k}/{bits_v}, group {G}, sinks {S}")
-    num_warps = 4
-    block_n = max(512 // bits_k, G)  # >= 16 key word rows: 4 per warp, no warp splits a channel sum
+    block_n = max(512 // bits_k, G) * block_scale  # >= 16 key word rows: 4 per warp, no warp splits a channel sum
     block_r = 64
     HG = Hq // H
     hpf = triton.next_power_of_2(HG)

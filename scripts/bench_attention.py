@@ -10,7 +10,7 @@ quantization of prefill (Triton against the reference, bit for bit, timed); one 
 (flush + attention through torch.ops) under torch.compile(mode="reduce-overhead",
 fullgraph=True) against eager. Random data; every slot at length L.
 
-    python scripts/bench_attention.py [--quick] [--splits]
+    python scripts/bench_attention.py [--quick] [--splits] [--tune]
 """
 
 import argparse
@@ -146,6 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="first shape only")
     parser.add_argument("--splits", action="store_true", help="also time num_splits 1..16 at 2 bits")
+    parser.add_argument("--tune", action="store_true", help="also time num_warps 4/8 x packed block 1x/2x at 2 bits")
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -181,6 +182,14 @@ def main() -> None:
                 sweep = {s: bench([lambda i=i, s=s: decode_attention(*kv_args(i), num_splits=s) for i in range(n)])
                          for s in (1, 2, 4, 8, 16)}
                 print("  num_splits (us):", {s: round(t, 1) for s, t in sweep.items()}, flush=True)
+            if args.tune and bits == 2:
+                tune = {}
+                for w, x in ((4, 1), (8, 1), (4, 2), (8, 2)):
+                    ok = rel_err(decode_attention(*kv_args(0, 2), num_warps=w, block_scale=x),
+                                 decode_attention_reference(*kv_args(0, 2))) < 1e-2
+                    tune[f"{w} warps, block x{x}"] = (round(bench([lambda i=i, w=w, x=x: decode_attention(
+                        *kv_args(i), num_warps=w, block_scale=x) for i in range(n)]), 1), ok)
+                print("  tune (us, correct):", tune, flush=True)
             del cs
 
     # flush at B=32 L=4096 32 heads D=128, bf16, 4 sinks: every slot due, then none

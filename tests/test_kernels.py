@@ -70,13 +70,13 @@ def nan_allocations(monkeypatch):
     monkeypatch.setattr(mod, "torch", Torch())
 
 
-def check_attention(lengths, H, Hq, D, L, R, S, G, bits, dtype, num_splits=None):
+def check_attention(lengths, H, Hq, D, L, R, S, G, bits, dtype, num_splits=None, **knobs):
     bits_k, bits_v = bits
     sm_scale = D**-0.5
     ref = decode_attention_reference(*cache_state(lengths, H, Hq, D, L, R, S, G, bits_k, bits_v, dtype, 0.0),
                                      bits_k, bits_v, G, sm_scale)
     args = cache_state(lengths, H, Hq, D, L, R, S, G, bits_k, bits_v, dtype, float("nan"))
-    out = decode_attention(*args, bits_k, bits_v, G, sm_scale, num_splits=num_splits)
+    out = decode_attention(*args, bits_k, bits_v, G, sm_scale, num_splits=num_splits, **knobs)
     assert not out.isnan().any()
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < TOL[dtype], err
@@ -104,6 +104,13 @@ def test_decode_attention(nan_allocations, H, Hq, D, G, bits, S, dtype):
 def test_decode_attention_splits(nan_allocations, num_splits):
     """Splits cut the packed store and the ring between programs; one slot ends in split 0."""
     check_attention((3, 100, 300, 511), 2, 4, 64, 512, 64, 4, 32, (2, 2), torch.float32, num_splits)
+
+
+@pytest.mark.parametrize("num_warps, block_scale", [(8, 1), (4, 2)])
+def test_decode_attention_tuning_knobs(nan_allocations, num_warps, block_scale):
+    """The benchmark's knobs change speed, not results (GQA, sinks, lengths off every block)."""
+    check_attention((1, 70, 300, 611), 2, 8, 64, 640, 64, 4, 32, (2, 2), torch.float16, None,
+                    num_warps=num_warps, block_scale=block_scale)
 
 
 def test_plain_cache(nan_allocations):
