@@ -28,6 +28,7 @@ import kernels  # noqa: E402,F401  registers torch.ops.kivi
 from kernels.decode_attention import decode_attention  # noqa: E402
 from kernels.quantize import flush, quantize_prompt  # noqa: E402
 from kernels.reference import decode_attention_reference, flush_reference, quantize_prompt_reference  # noqa: E402
+from kivi_cache import n_quantized  # noqa: E402
 
 SHAPES = [  # B, L, Hq, H, D
     (32, 4096, 32, 32, 128),
@@ -37,11 +38,6 @@ SHAPES = [  # B, L, Hq, H, D
 ]
 G, R = 32, 128
 ROTATE_BYTES = 256 << 20  # several times the L2 of an H100 (50 MB) or H200 (60 MB)
-
-
-def n_quantized(length: int) -> int:
-    """n_q under the flush rule: a group is quantized each time the ring fills."""
-    return 0 if length < R else ((length - R) // G + 1) * G
 
 
 def kivi_cache(B: int, H: int, L: int, D: int, bits: int, dtype: torch.dtype) -> dict:
@@ -67,7 +63,7 @@ def plain_cache(k: torch.Tensor, v: torch.Tensor) -> dict:
 
 def cache_bytes(L: int, D: int, bits: int, itemsize: int) -> int:
     """Bytes one (slot, kv head) reads: codes, scales and mins of n_q tokens, the ring's rest."""
-    nq = n_quantized(L)
+    nq = n_quantized(L, R, G)
     return (nq * D * bits // 8 * 2 + nq // G * D * 2 * itemsize + nq * D // G * 2 * itemsize
             + (L - nq) * D * 2 * itemsize)
 
@@ -133,7 +129,7 @@ def check_compiled_step() -> float:
         for i in range(3):
             q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)
             lens = lengths + i
-            n_q = torch.tensor([n_quantized(int(x)) for x in lens], device="cuda", dtype=torch.int32)
+            n_q = n_quantized(lens, R, G)
             eager_bufs = {k: t.clone() for k, t in c.items()}
             want = step(q, lens, n_q, *eager_bufs.values())
             got = compiled(q, lens, n_q, *c.values()).clone()
@@ -170,7 +166,7 @@ def main() -> None:
             kv_bytes = B * H * cache_bytes(L, D, bits, 2)
             n = copies(kv_bytes)
             cs = [kivi_cache(B, H, L, D, bits, dtype) for _ in range(n)]
-            nq = torch.full((B,), n_quantized(L), device="cuda", dtype=torch.int32)
+            nq = torch.full((B,), n_quantized(L, R, G), device="cuda", dtype=torch.int32)
             kv_args = lambda i, b=B: (qs[i % len(qs)][:b], *(t[:b] for t in cs[i].values()), lengths[:b], nq[:b],
                                       bits, bits, G, sm_scale)
             err = rel_err(decode_attention(*kv_args(0, 2)), decode_attention_reference(*kv_args(0, 2)))
@@ -211,7 +207,7 @@ def main() -> None:
 
     # prefill's quantization of one 2000-token prompt (1888 tokens quantized) into slot 5 of 8,
     # k and v as the model makes them ([1, T, H, D] transposed), 4 sinks
-    T, H, D = n_quantized(2000), 32, 128
+    T, H, D = n_quantized(2000, R, G), 32, 128
     prompt_rows = []
     for bits in (2, 4):
         c = kivi_cache(8, H, 4096, D, bits, dtype)

@@ -12,16 +12,13 @@ import torch
 from kernels.decode_attention import decode_attention
 from kernels.quantize import flush, quantize_prompt
 from kernels.reference import decode_attention_reference, flush_reference, hide_sinks, quantize_prompt_reference
+from kivi_cache import n_quantized
 from quantize_kv import quantize_keys, quantize_values
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative L2 error
 # the interpreter rounds fp32 -> bf16 by truncation, so bf16 codes can differ from torch's there
 EXACT_DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if DEVICE == "cuda" else ())
-
-
-def n_quantized(length: int, R: int, G: int) -> int:
-    return 0 if length < R else ((length - R) // G + 1) * G
 
 
 def cache_state(lengths, H, Hq, D, L, R, S, G, bits_k, bits_v, dtype, fill, seed=0):
