@@ -6,7 +6,7 @@ captured in a CUDA graph. Every slot has its own length; the decode step receive
 position of each slot's new token as a device tensor `input_pos` [B] and derives every
 other per-slot quantity from it.
 
-KIVI cache (DESIGN §2), per layer and slot:
+KIVI cache, per layer and slot:
   - positions [0, n_q) live in the packed store: keys per-channel (groups of G tokens of
     one channel), values per-token (groups of G channels), at `bits_k` / `bits_v` bits;
   - positions [n_q, length) live in a circular residual ring of R tokens, in the model
@@ -116,7 +116,7 @@ class KiviCache(nn.Module):
         def buf(name: str, *shape: int, dtype: torch.dtype = dtype) -> None:
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
 
-        buf("k_packed", B, H, L * bits_k // 32, D, dtype=torch.int32)
+        buf("k_packed", B, H, L, D * bits_k // 32, dtype=torch.int32)
         buf("k_scale", B, H, L // G, D)
         buf("k_min", B, H, L // G, D)
         buf("v_packed", B, H, L, D * bits_v // 32, dtype=torch.int32)
@@ -179,9 +179,12 @@ def check_kivi_config(head_dim: int, bits_k: int, bits_v: int, group_size: int, 
     if head_dim % group_size != 0:
         raise ValueError(f"head_dim {head_dim} is not a multiple of the group size {group_size}")
     for bits in (bits_k, bits_v):
-        if group_size % (32 // bits) != 0 or head_dim % (32 // bits) != 0:
-            raise ValueError(f"group size {group_size} and head_dim {head_dim} must be multiples of "
-                             f"{32 // bits} (codes per int32 word at {bits} bits)")
+        if head_dim % (32 // bits) != 0:
+            raise ValueError(f"head_dim {head_dim} must be a multiple of {32 // bits} (codes per int32 word at {bits} bits)")
+    if head_dim % 8 != 0:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of 8 (values are packed by 8 channel classes)")
+    if group_size % 2 != 0:
+        raise ValueError(f"group size {group_size} must be even (values are packed in token pairs)")
     if not 0 <= n_sink < group_size:
         raise ValueError(f"sink tokens {n_sink} must be in [0, group size {group_size})")
 

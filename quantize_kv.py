@@ -10,26 +10,32 @@ plus `scale` and `min` in the model dtype:
 
 A constant group (max == min) has scale 0: codes are 0 and x_hat == min exactly.
 
-Packing. Codes live in int32 words, `per_word = 32 // bits` codes a word. An axis of
-length N is packed into N / per_word words with a *strided* order:
+Packing. Codes live in int32 words, `per_word = 32 // bits` codes a word, and are laid out
+for the tensor-core decode kernel (kernels/mma_attention.py): a word is two 16-bit halves,
+and the codes come in pairs, one in each half at the same offset, so that masking a word in
+place gives two 16-bit floats whose mantissas are the two codes. An axis of length N is
+packed into N / per_word words, each holding per_word consecutive positions:
 
-    word[i] = sum_j code[i + j * (N / per_word)] << (j * bits),   j = 0 .. per_word-1
+    word[w] = sum_i code[w * per_word + i] << (bits * (i // 2) + 16 * (i % 2))
 
-so unpacking a tile of words [N / per_word, ...] with the shifts j * bits gives
-[per_word, N / per_word, ...], which reshapes to [N, ...] in natural order (what the
-Triton decode kernel does). Codes are clamped before packing, so a code never spills into
-its neighbour's bits; the sign bit of a word may be set (bits 31:30 hold code j = 15 at
-2 bits): unpack masks after an arithmetic shift.
+(even positions fill the low half, odd ones the high half). Codes are clamped before
+packing, so a code never spills into its neighbour's bits; bit 31 may be set (a code in the
+top of the high half): unpack masks after an arithmetic shift.
 
-Layouts in the cache (per layer, B slots, H kv heads, L = max_seq_len, D = head_dim):
-    k_packed [B, H, L * bits_k / 32, D]  int32: per group of G tokens, G / per_word rows,
-                                          packed along tokens (strided within the group)
-    k_scale, k_min [B, H, L / G, D]      model dtype, one per (group, channel)
-    v_packed [B, H, L, D * bits_v / 32]  int32: per token, packed along channels (strided
-                                          across the whole head_dim)
-    v_scale, v_min [B, H, L, D / G]      model dtype, one per (token, channel group)
-Rows of k_packed are contiguous over D (coalesced loads of a [rows, D] tile); a token's
-v_packed row is D * bits / 32 contiguous words.
+Layouts in the cache (per layer, B slots, H kv heads, L = max_seq_len, D = head_dim,
+W = D * bits / 32 words a token):
+    k_packed [B, H, L, W]        int32: per token, the D channels packed as above
+    k_scale, k_min [B, H, L / G, D]   model dtype, one per (group of G tokens, channel)
+    v_packed [B, H, L, W]        int32: per token PAIR (2p, 2p+1), rows 2p and 2p+1 are one
+                                 run of 2W words of SPW = 16 / bits slots each; channel c is
+                                 slot n = (c % 8) * D / 8 + c // 8 of the run (word n // SPW,
+                                 slot k = n % SPW), token 2p's code at bits * k, token 2p+1's
+                                 at bits * k + 16
+    v_scale, v_min [B, H, L, D / G]   model dtype, one per (token, group of G channels)
+The key pairs are neighbouring channels (the K axis of the score product), the value pairs
+neighbouring tokens (the K axis of the value product); a lane of the MMA fragments reads
+its words as one contiguous run (channel class c % 8 is one lane's rows). Values need pairs
+of tokens and D a multiple of 8.
 """
 
 import torch
@@ -83,56 +89,82 @@ def dequantize(codes: Tensor, scale: Tensor, x_min: Tensor, group_size: int, dim
 
 
 def pack(codes: Tensor, bits: int, dim: int) -> Tensor:
-    """Pack codes (values < 2^bits) along `dim` into int32 words, strided order (see top)."""
+    """Pack codes (values < 2^bits) along `dim` into int32 words, pairs in the halves (see top)."""
     check_bits(bits)
     dim = dim % codes.dim()
     per_word = 32 // bits
     n = codes.shape[dim]
     if n % per_word != 0:
         raise ValueError(f"axis of length {n} is not a multiple of {per_word} codes per word")
-    chunks = codes.long().clamp(0, 2**bits - 1).unflatten(dim, (per_word, n // per_word))
-    shifts = torch.arange(0, 32, bits, device=codes.device).view(-1, *[1] * (codes.dim() - dim))
+    chunks = codes.long().clamp(0, 2**bits - 1).unflatten(dim, (n // per_word, per_word))
+    shifts = _shifts(bits, codes.device).view(-1, *[1] * (codes.dim() - dim - 1))
     # The shifted codes' bits are disjoint, so their int64 sum is their OR (< 2^32); the cast
     # keeps the low 32 bits (a set bit 31 reads as a negative int32). One kernel, not a loop.
-    return (chunks << shifts).sum(dim).to(torch.int32)
+    return (chunks << shifts).sum(dim + 1).to(torch.int32)
 
 
 def unpack(words: Tensor, bits: int, dim: int) -> Tensor:
     """Inverse of `pack`: int32 words -> uint8 codes, `dim` grows by 32 // bits."""
     check_bits(bits)
     dim = dim % words.dim()
-    per_word = 32 // bits
-    mask = 2**bits - 1
-    chunks = [(words >> (j * bits)) & mask for j in range(per_word)]
-    return torch.stack(chunks, dim=dim).flatten(dim, dim + 1).to(torch.uint8)
+    shifts = _shifts(bits, words.device).view(-1, *[1] * (words.dim() - dim - 1))
+    codes = (words.unsqueeze(dim + 1) >> shifts) & (2**bits - 1)
+    return codes.flatten(dim, dim + 1).to(torch.uint8)
+
+
+def _shifts(bits: int, device: torch.device) -> Tensor:
+    """Bit offset of position i of a word: bits * (i // 2) + 16 * (i % 2)."""
+    i = torch.arange(32 // bits, device=device)
+    return bits * (i // 2) + 16 * (i % 2)
+
+
+def _value_order(codes: Tensor, bits: int) -> Tensor:
+    """[..., T, D] -> [..., T / 2, 2W, 2 * SPW]: per token pair, the codes of each value word
+    in packing order (position 2k + u: slot k, token 2p + u; slot n of the pair is channel
+    (n % (D / 8)) * 8 + n // (D / 8))."""
+    *prefix, T, D = codes.shape
+    if T % 2 or D % 8:
+        raise ValueError(f"values pack whole token pairs and head_dim a multiple of 8, got {T} tokens of {D}")
+    x = codes.unflatten(-1, (D // 8, 8)).unflatten(-3, (T // 2, 2))  # [..., P, u, D / 8, c % 8]
+    n = x.dim()
+    x = x.permute(*range(n - 4), n - 4, n - 1, n - 2, n - 3).flatten(-3, -2)  # [..., P, slot n, u]
+    return x.unflatten(-2, (-1, 16 // bits)).flatten(-2)
+
+
+def _value_order_inverse(x: Tensor, D: int) -> Tensor:
+    """Inverse of _value_order: [..., T / 2, 2W, 2 * SPW] -> [..., T, D]."""
+    x = x.unflatten(-1, (-1, 2)).flatten(-3, -2).unflatten(-2, (8, D // 8))  # [..., P, c % 8, D / 8, u]
+    n = x.dim()
+    return x.permute(*range(n - 4), n - 4, n - 1, n - 2, n - 3).flatten(-2).flatten(-3, -2)
 
 
 def quantize_keys(k: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel key quantization of whole groups of tokens.
 
-    k [..., T, D] with T a multiple of G -> (packed [..., T * bits / 32, D] int32,
-    scale [..., T / G, D], min [..., T / G, D]). Packing is strided within each group.
+    k [..., T, D] with T a multiple of G -> (packed [..., T, D * bits / 32] int32,
+    scale [..., T / G, D], min [..., T / G, D]).
     """
     codes, scale, k_min = quantize(k, bits, group_size, dim=-2)
-    grouped = codes.unflatten(-2, (-1, group_size))  # [..., T/G, G, D]
-    packed = pack(grouped, bits, dim=-2).flatten(-3, -2)  # [..., T/G * G/per_word, D]
-    return packed, scale, k_min
+    return pack(codes, bits, dim=-1), scale, k_min
 
 
 def dequantize_keys(packed: Tensor, scale: Tensor, k_min: Tensor, bits: int, group_size: int) -> Tensor:
-    """Inverse of `quantize_keys`: [..., T * bits / 32, D] -> [..., T, D] in scale's dtype."""
-    rows_per_group = group_size * bits // 32
-    codes = unpack(packed.unflatten(-2, (-1, rows_per_group)), bits, dim=-2).flatten(-3, -2)
-    return dequantize(codes, scale, k_min, group_size, dim=-2)
+    """Inverse of `quantize_keys`: [..., T, D * bits / 32] -> [..., T, D] in scale's dtype."""
+    return dequantize(unpack(packed, bits, dim=-1), scale, k_min, group_size, dim=-2)
 
 
 def quantize_values(v: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token value quantization: v [..., T, D] -> (packed [..., T, D * bits / 32] int32,
-    scale [..., T, D / G], min [..., T, D / G])."""
+    """Per-token value quantization: v [..., T, D] (T even) -> (packed [..., T, D * bits / 32]
+    int32 in token pairs, scale [..., T, D / G], min [..., T, D / G])."""
     codes, scale, v_min = quantize(v, bits, group_size, dim=-1)
-    return pack(codes, bits, dim=-1), scale, v_min
+    *prefix, T, D = v.shape
+    words = pack(_value_order(codes, bits), bits, dim=-1)  # [..., T / 2, 2W, 1]
+    return words.reshape(*prefix, T, D * bits // 32), scale, v_min
 
 
 def dequantize_values(packed: Tensor, scale: Tensor, v_min: Tensor, bits: int, group_size: int) -> Tensor:
     """Inverse of `quantize_values`: [..., T, D * bits / 32] -> [..., T, D]."""
-    return dequantize(unpack(packed, bits, dim=-1), scale, v_min, group_size, dim=-1)
+    *prefix, T, W = packed.shape
+    words = packed.reshape(*prefix, T // 2, 2 * W, 1)
+    codes = _value_order_inverse(unpack(words, bits, dim=-1), W * 32 // bits)
+    return dequantize(codes, scale, v_min, group_size, dim=-1)

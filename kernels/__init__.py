@@ -11,7 +11,9 @@ device and torch.compile sees them as known mutations:
 
 (The Python names end in _op so that they do not shadow the kernel modules.) The default
 implementation is the pure-PyTorch reference (kernels/reference.py); CUDA
-tensors go to the Triton kernels (kernels/decode_attention.py, kernels/quantize.py).
+tensors go to the Triton and Gluon kernels (kernels/decode_attention.py, which reads the
+packed store on the tensor cores through kernels/mma_attention.py where it serves, and
+kernels/quantize.py).
 """
 
 import torch

@@ -9,12 +9,14 @@ bit as the reference does (kernels/reference.py):
   quantize_prompt: every group of a prefilled prompt, k, v [n, H, T, D] (any strides with
     a dense last dim) into slots[i]. Grid (n * H, T / G), one program per (row, kv head, group).
 
-One group of one (slot, kv head), tokens p0 .. p0+G-1:
-  Keys, per channel over the G tokens: tile [PK, WK, D], token p0 + j * WK + i, so that the
-  word of row i is sum_j code[j, i] << (j * BITS_K) (strided packing of quantize_kv.py).
-  Positions below S (sinks, group 0 only) take the values of position S for min/max.
-  Values, per token over G channels: tile [G, NGV, JPG, WV], channel (g * JPG + jj) * WV + i,
-  word i of a token = sum_j code[j * WV + i] << (j * BITS_V) with j = g * JPG + jj.
+One group of one (slot, kv head), tokens p0 .. p0+G-1 (layouts of quantize_kv.py):
+  Keys, per channel over the G tokens: tile [G, W, PW], channel w * PW + i; word w of a
+  token = sum_i code[i] << (BITS_K * (i // 2) + 16 * (i % 2)). Positions below S (sinks,
+  group 0 only) take the values of position S for min/max.
+  Values, per token over G channels: tile [G / 2, 2, NGV, G / 8, 8] (pair, token in the pair,
+  group, channel // 8 in the group, channel % 8); reordered to [G / 2, D / SPW, SPW, 2] (pair,
+  word, slot, token: slot n = (c % 8) * D / 8 + c // 8 of the pair), word = sum over its slots
+  k and tokens u of code << (BITS_V * k + 16 * u).
 Arithmetic is quantize_kv.quantize's: fp32 statistics, min and scale rounded to the storage
 dtype before the codes, IEEE division, round half to even, a constant group -> scale 0, codes 0.
 """
@@ -45,6 +47,13 @@ def _quantize(x, lo, hi, BITS: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _pair_shifts(N: tl.constexpr, BITS: tl.constexpr):
+    """Bit offset of position i of a word, i < N: BITS * (i // 2) + 16 * (i % 2)."""
+    i = tl.arange(0, N)
+    return BITS * (i // 2) + 16 * (i % 2)
+
+
+@triton.jit
 def _quantize_group(
     K_SRC, k_stride, V_SRC, v_stride, MOD, p0, K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, bh,
     L: tl.constexpr, S: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr,
@@ -52,42 +61,45 @@ def _quantize_group(
     """Tokens p0 .. p0+G-1 (p0 % G == 0) of one (slot, kv head), token p read at
     K_SRC + (p % MOD) * k_stride (and V's), into the store of (slot, kv head) bh."""
     dtype = K_SCALE.dtype.element_ty
-    WK: tl.constexpr = G * BITS_K // 32
-    PK: tl.constexpr = 32 // BITS_K
-    j = tl.arange(0, PK)[:, None, None]
-    i = tl.arange(0, WK)[None, :, None]
-    d = tl.arange(0, D)[None, None, :]
-    pos = p0 + j * WK + i  # [PK, WK, 1]
-    k = tl.load(K_SRC + (pos % MOD) * k_stride + d).to(tl.float32)  # [PK, WK, D]
+    PW: tl.constexpr = 32 // BITS_K
+    W: tl.constexpr = D // PW
+    t = tl.arange(0, G)[:, None, None]
+    w = tl.arange(0, W)[None, :, None]
+    i = tl.arange(0, PW)[None, None, :]
+    pos = p0 + t  # [G, 1, 1]
+    k = tl.load(K_SRC + (pos % MOD) * k_stride + w * PW + i).to(tl.float32)  # [G, W, PW]
     if S > 0:
-        k_first = tl.load(K_SRC + ((p0 + S) % MOD) * k_stride + d).to(tl.float32)  # [1, 1, D]
+        k_first = tl.load(K_SRC + ((p0 + S) % MOD) * k_stride + w * PW + i).to(tl.float32)  # [1, W, PW]
         k = tl.where(pos < S, k_first, k)
-    lo = tl.min(tl.min(k, 0), 0)[None, None, :]
-    hi = tl.max(tl.max(k, 0), 0)[None, None, :]
+    lo = tl.min(k, 0)[None]
+    hi = tl.max(k, 0)[None]
     codes, scale, k_min = _quantize(k, lo, hi, BITS_K, dtype)
-    words = tl.reduce(codes << (j * BITS_K), 0, _bit_or)  # [WK, D]
-    row = tl.arange(0, WK)[:, None]
-    col = tl.arange(0, D)
-    tl.store(K_PACKED + bh * (L * BITS_K // 32) * D + (p0 // G * WK + row) * D + col[None, :], words)
-    sc = bh * (L // G) * D + p0 // G * D + col
+    words = tl.reduce(codes << _pair_shifts(PW, BITS_K)[None, None, :], 2, _bit_or)  # [G, W]
+    tok = bh * L + p0 + tl.arange(0, G)[:, None]  # [G, 1]
+    tl.store(K_PACKED + tok * W + tl.arange(0, W)[None, :], words)
+    sc = bh * (L // G) * D + p0 // G * D + tl.arange(0, D)
     tl.store(K_SCALE + sc, tl.reshape(scale, [D]))
     tl.store(K_MIN + sc, tl.reshape(k_min, [D]))
 
-    WV: tl.constexpr = D * BITS_V // 32
-    JPG: tl.constexpr = G // WV
+    SPW: tl.constexpr = 16 // BITS_V
     NGV: tl.constexpr = D // G
-    t = tl.arange(0, G)[:, None, None, None]
-    g = tl.arange(0, NGV)[None, :, None, None]
-    jj = tl.arange(0, JPG)[None, None, :, None]
-    iv = tl.arange(0, WV)[None, None, None, :]
-    v = tl.load(V_SRC + ((p0 + t) % MOD) * v_stride + (g * JPG + jj) * WV + iv).to(tl.float32)  # [G, NGV, JPG, WV]
-    lo = tl.min(tl.min(v, 3), 2)[:, :, None, None]
-    hi = tl.max(tl.max(v, 3), 2)[:, :, None, None]
-    codes, scale, v_min = _quantize(v, lo, hi, BITS_V, dtype)
-    words = tl.reduce(tl.reduce(codes << ((g * JPG + jj) * BITS_V), 2, _bit_or), 1, _bit_or)  # [G, WV]
-    tok = (bh * L + p0 + tl.arange(0, G))[:, None]  # [G, 1]
-    tl.store(V_PACKED + tok * WV + tl.arange(0, WV)[None, :], words)
-    sc = tok * NGV + tl.arange(0, NGV)[None, :]  # [G, NGV]
+    P: tl.constexpr = G // 2
+    pair = tl.arange(0, P)[:, None, None, None, None]
+    u = tl.arange(0, 2)[None, :, None, None, None]
+    g = tl.arange(0, NGV)[None, None, :, None, None]
+    a = tl.arange(0, G // 8)[None, None, None, :, None]
+    cls = tl.arange(0, 8)[None, None, None, None, :]
+    v = tl.load(V_SRC + ((p0 + 2 * pair + u) % MOD) * v_stride + g * G + a * 8 + cls).to(tl.float32)
+    lo = tl.min(tl.min(v, 4), 3)[:, :, :, None, None]
+    hi = tl.max(tl.max(v, 4), 3)[:, :, :, None, None]
+    codes, scale, v_min = _quantize(v, lo, hi, BITS_V, dtype)  # codes [P, 2, NGV, G / 8, 8]
+    codes = tl.reshape(tl.permute(codes, (0, 4, 2, 3, 1)), [P, D // SPW, SPW, 2])
+    k = tl.arange(0, SPW)[None, None, :, None]
+    u = tl.arange(0, 2)[None, None, None, :]
+    words = tl.reduce(tl.reduce(codes << (BITS_V * k + 16 * u), 3, _bit_or), 2, _bit_or)  # [P, D / SPW]
+    pair_words = (bh * L + p0) * (D * BITS_V // 32) + tl.arange(0, P)[:, None] * (D // SPW)
+    tl.store(V_PACKED + pair_words + tl.arange(0, D // SPW)[None, :], words)
+    sc = (bh * L + p0 + tl.arange(0, G))[:, None] * NGV + tl.arange(0, NGV)[None, :]  # [G, NGV]
     tl.store(V_SCALE + sc, tl.reshape(scale, [G, NGV]))
     tl.store(V_MIN + sc, tl.reshape(v_min, [G, NGV]))
 
@@ -144,7 +156,7 @@ def flush(
     _check_store((k_ring, v_ring, k_packed, k_scale, k_min, v_packed, v_scale, v_min), n_sink, group_size)
     _flush_kernel[(B * H,)](
         k_ring, v_ring, k_packed, k_scale, k_min, v_packed, v_scale, v_min, lengths,
-        H=H, L=v_packed.shape[2], R=R, S=n_sink, D=D, G=group_size, BITS_K=bits_k, BITS_V=bits_v,
+        H=H, L=k_packed.shape[2], R=R, S=n_sink, D=D, G=group_size, BITS_K=bits_k, BITS_V=bits_v,
     )
 
 
@@ -163,8 +175,8 @@ def quantize_prompt(
         raise ValueError(f"k and v ({k.dtype}, {v.dtype}) must have the store's dtype {k_scale.dtype}")
     if k.stride(3) != 1 or v.stride(3) != 1:
         raise ValueError("k and v need a dense last dim")
-    if T % group_size != 0 or T > v_packed.shape[2]:
-        raise ValueError(f"{T} prompt tokens are not whole groups of {group_size} within {v_packed.shape[2]}")
+    if T % group_size != 0 or T > k_packed.shape[2]:
+        raise ValueError(f"{T} prompt tokens are not whole groups of {group_size} within {k_packed.shape[2]}")
     if slots.shape != (n,) or slots.device != k.device or slots.is_floating_point():
         raise ValueError(f"slots must be {n} integer indices on {k.device}")
     if n == 0 or T == 0:
@@ -172,5 +184,5 @@ def quantize_prompt(
     _prompt_kernel[(n * H, T // group_size)](
         k, v, slots, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
         *k.stride()[:3], *v.stride()[:3], T,
-        H=H, L=v_packed.shape[2], S=n_sink, D=D, G=group_size, BITS_K=bits_k, BITS_V=bits_v,
+        H=H, L=k_packed.shape[2], S=n_sink, D=D, G=group_size, BITS_K=bits_k, BITS_V=bits_v,
     )

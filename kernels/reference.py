@@ -4,8 +4,8 @@ Cache buffers of one layer (B slots, H kv heads, L = max_seq_len, D = head_dim; 
 layouts in quantize_kv.py):
     k_ring, v_ring [B, H, R, D]    token p at ring index p % R while unquantized
     k_sink, v_sink [B, H, S, D]    the first S tokens, kept in full precision for good
-    k_packed [B, H, L * bits_k / 32, D], k_scale, k_min [B, H, L / G, D]
-    v_packed [B, H, L, D * bits_v / 32], v_scale, v_min [B, H, L, D / G]
+    k_packed [B, H, L, D * bits_k / 32], k_scale, k_min [B, H, L / G, D]
+    v_packed [B, H, L, D * bits_v / 32] (token pairs), v_scale, v_min [B, H, L, D / G]
     lengths, n_quantized [B] int32 tokens in the sequence, of which quantized (n_q % G == 0)
 A position p of a slot is read from the sink buffer if p < S, else from the packed store if
 p < n_q, else from the ring. The plain fp cache is the case n_q == 0 with R = L.
@@ -49,13 +49,11 @@ def flush_reference(
     ring_idx = ((start[:, None] + torch.arange(G, device=k_ring.device)) % R)[:, None, :, None]  # [B, 1, G, 1]
     k = k_ring.gather(2, ring_idx.expand(B, H, G, D))  # [B, H, G, D]
     v = v_ring.gather(2, ring_idx.expand(B, H, G, D))
-    kp, ks, km = quantize_keys(hide_sinks(k, start, n_sink), bits_k, G)  # [B, H, G*bits/32, D], [B, H, 1, D]
+    kp, ks, km = quantize_keys(hide_sinks(k, start, n_sink), bits_k, G)  # [B, H, G, D*bits/32], [B, H, 1, D]
     vp, vs, vm = quantize_values(v, bits_v, G)  # [B, H, G, D*bits/32], [B, H, G, D/G]
-    rows = G * bits_k // 32
-    key_rows = (start // G * rows)[:, None] + torch.arange(rows, device=k.device)  # [B, rows]
     tokens = start[:, None] + torch.arange(G, device=k.device)  # [B, G]
     for buf, new, idx in (
-        (k_packed, kp, key_rows), (k_scale, ks, (start // G)[:, None]), (k_min, km, (start // G)[:, None]),
+        (k_packed, kp, tokens), (k_scale, ks, (start // G)[:, None]), (k_min, km, (start // G)[:, None]),
         (v_packed, vp, tokens), (v_scale, vs, tokens), (v_min, vm, tokens),
     ):
         idx = idx[:, None, :, None].expand(B, H, idx.shape[1], buf.shape[3])
@@ -75,7 +73,7 @@ def quantize_prompt_reference(
     kp, ks, km = quantize_keys(hide_sinks(k, torch.zeros(k.shape[0], dtype=torch.long, device=k.device), n_sink),
                                bits_k, G)
     vp, vs, vm = quantize_values(v, bits_v, G)
-    k_packed[slots, :, : kp.shape[2]] = kp
+    k_packed[slots, :, :T] = kp
     k_scale[slots, :, : T // G] = ks
     k_min[slots, :, : T // G] = km
     v_packed[slots, :, :T] = vp
@@ -108,8 +106,8 @@ def decode_attention_reference(
         c1 = min(c0 + chunk, int(n_quantized.max()))
         if c1 > c0:  # some slot has quantized positions in this chunk
             in_store = (pos[: c1 - c0] < n_quantized)[:, None, :, None]  # [B, 1, T', 1]
-            stored_k = dequantize_keys(k_packed[:, :, c0 * bits_k // 32 : c1 * bits_k // 32],
-                                       k_scale[:, :, c0 // G : c1 // G], k_min[:, :, c0 // G : c1 // G], bits_k, G)
+            stored_k = dequantize_keys(k_packed[:, :, c0:c1], k_scale[:, :, c0 // G : c1 // G],
+                                       k_min[:, :, c0 // G : c1 // G], bits_k, G)
             stored_v = dequantize_values(v_packed[:, :, c0:c1], v_scale[:, :, c0:c1], v_min[:, :, c0:c1], bits_v, G)
             keys[:, :, : c1 - c0] = torch.where(in_store, stored_k.float(), keys[:, :, : c1 - c0])
             values[:, :, : c1 - c0] = torch.where(in_store, stored_v.float(), values[:, :, : c1 - c0])

@@ -1,8 +1,9 @@
 """Decode attention over a KIVI cache vs bf16 SDPA over a plain cache, on CUDA.
 
-For each shape and bit width: check the Triton op against the reference at a reduced batch,
-then time the fused KIVI op, bf16 SDPA on a [B, H, L, D] cache (best of its backends) and our
-op's plain-cache path (n_quantized 0, ring of R = L) on that same cache. Times are GPU times:
+For each shape and bit width: check the op against the reference at a reduced batch, then
+time the KIVI op (tensor-core path where it serves), bf16 SDPA on a [B, H, L, D] cache (best
+of its backends) and our op's plain-cache path (n_quantized 0, ring of R = L) on that cache;
+at 2 bits also with 4 sink tokens. Times are GPU times:
 a CUDA graph replays the call over enough copies of the inputs to exceed L2 several times
 (triton.testing.do_bench, median, L2 flushed before every replay), divided by the copies.
 Then the flush kernel with the predicate true for every slot, and false; the prompt
@@ -10,10 +11,13 @@ quantization of prefill (Triton against the reference, bit for bit, timed); one 
 (flush + attention through torch.ops) under torch.compile(mode="reduce-overhead",
 fullgraph=True) against eager. Random data; every slot at length L.
 
-    python scripts/bench_attention.py [--quick] [--splits] [--tune]
+    python scripts/bench_attention.py [--quick] [--splits] [--json OUT]
+
+--json writes {"device", "torch", "triton", "rows": [{"shape", "bits", "kivi_us", "sdpa_us"}]}.
 """
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -34,6 +38,8 @@ SHAPES = [  # B, L, Hq, H, D
     (32, 4096, 32, 32, 128),
     (8, 32768, 32, 32, 128),
     (32, 8192, 32, 8, 128),
+    (16, 8192, 64, 8, 128),
+    (64, 8192, 71, 1, 64),
     (64, 2048, 9, 3, 64),
 ]
 G, R = 32, 128
@@ -47,7 +53,7 @@ def kivi_cache(B: int, H: int, L: int, D: int, bits: int, dtype: torch.dtype) ->
     sym = lambda *s: torch.randn(s, device="cuda", dtype=dtype)
     return dict(
         k_ring=sym(B, H, R, D), v_ring=sym(B, H, R, D), k_sink=sym(B, H, 0, D), v_sink=sym(B, H, 0, D),
-        k_packed=words(B, H, L * bits // 32, D), k_scale=pos(B, H, L // G, D), k_min=-sym(B, H, L // G, D).abs(),
+        k_packed=words(B, H, L, D * bits // 32), k_scale=pos(B, H, L // G, D), k_min=-sym(B, H, L // G, D).abs(),
         v_packed=words(B, H, L, D * bits // 32), v_scale=pos(B, H, L, D // G), v_min=-sym(B, H, L, D // G).abs(),
     )
 
@@ -56,7 +62,7 @@ def plain_cache(k: torch.Tensor, v: torch.Tensor) -> dict:
     """The fp cache as our op reads it: a ring of R = L, empty sinks and packed store."""
     B, H, _, D = k.shape
     empty = lambda *s, dtype=k.dtype: torch.empty(B, H, 0, *s, device="cuda", dtype=dtype)
-    return dict(k_ring=k, v_ring=v, k_sink=empty(D), v_sink=empty(D), k_packed=empty(D, dtype=torch.int32),
+    return dict(k_ring=k, v_ring=v, k_sink=empty(D), v_sink=empty(D), k_packed=empty(D // 16, dtype=torch.int32),
                 k_scale=empty(D), k_min=empty(D), v_packed=empty(D // 16, dtype=torch.int32),
                 v_scale=empty(D // G), v_min=empty(D // G))
 
@@ -141,9 +147,11 @@ def check_compiled_step() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="first shape only")
-    parser.add_argument("--splits", action="store_true", help="also time num_splits 1..16 at 2 bits")
-    parser.add_argument("--tune", action="store_true", help="also time num_warps 4/8 x packed block 1x/2x at 2 bits")
+    parser.add_argument("--splits", action="store_true", help="also time the packed splits 2..32 at 2 bits")
+    parser.add_argument("--json", type=Path, help="write the KIVI and SDPA times here")
     args = parser.parse_args()
+    if args.json is not None and not args.json.parent.is_dir():
+        sys.exit(f"error: --json {args.json}: no folder {args.json.parent}")
     torch.manual_seed(0)
     dtype = torch.bfloat16
     rows = []
@@ -171,21 +179,18 @@ def main() -> None:
                                       bits, bits, G, sm_scale)
             err = rel_err(decode_attention(*kv_args(0, 2)), decode_attention_reference(*kv_args(0, 2)))
             t_kivi = bench([lambda i=i: decode_attention(*kv_args(i)) for i in range(n)])
+            if bits == 2:  # the same with 4 sink tokens
+                sink = torch.randn(B, H, 4, D, device="cuda", dtype=dtype)
+                sink_args = lambda i: (*kv_args(i)[:3], sink, sink, *kv_args(i)[5:])
+                t_sinks = bench([lambda i=i: decode_attention(*sink_args(i)) for i in range(n)])
+                print(f"  4 sinks: {t_sinks:.1f} us ({t_sinks / t_kivi - 1:+.1%})", flush=True)
             rows.append((f"B{B} L{L} {Hq}/{H} D{D}", bits, t_kivi, t_sdpa, backend, t_fp,
                          kv_bytes / t_kivi / 1e6, fp_bytes / t_sdpa / 1e6, fp_bytes / t_fp / 1e6, err, err_fp))
             print(rows[-1], flush=True)
             if args.splits and bits == 2:
                 sweep = {s: bench([lambda i=i, s=s: decode_attention(*kv_args(i), num_splits=s) for i in range(n)])
-                         for s in (1, 2, 4, 8, 16)}
+                         for s in (2, 4, 8, 16, 32)}
                 print("  num_splits (us):", {s: round(t, 1) for s, t in sweep.items()}, flush=True)
-            if args.tune and bits == 2:
-                tune = {}
-                for w, x in ((4, 1), (8, 1), (4, 2), (8, 2)):
-                    ok = rel_err(decode_attention(*kv_args(0, 2), num_warps=w, block_scale=x),
-                                 decode_attention_reference(*kv_args(0, 2))) < 1e-2
-                    tune[f"{w} warps, block x{x}"] = (round(bench([lambda i=i, w=w, x=x: decode_attention(
-                        *kv_args(i), num_warps=w, block_scale=x) for i in range(n)]), 1), ok)
-                print("  tune (us, correct):", tune, flush=True)
             del cs
 
     # flush at B=32 L=4096 32 heads D=128, bf16, 4 sinks: every slot due, then none
@@ -195,14 +200,15 @@ def main() -> None:
         c = kivi_cache(B, H, L, D, bits, dtype)
         due = torch.full((B,), L - 96, device="cuda", dtype=torch.int32)  # (L - 96 - R) % G == 0
         none = due + 1
-        args = lambda lens: (c["k_ring"], c["v_ring"], c["k_packed"], c["k_scale"], c["k_min"], c["v_packed"],
-                             c["v_scale"], c["v_min"], lens, bits, bits, G, 4)
+        flush_args = lambda lens: (c["k_ring"], c["v_ring"], c["k_packed"], c["k_scale"], c["k_min"], c["v_packed"],
+                                   c["v_scale"], c["v_min"], lens, bits, bits, G, 4)
         ref = {k: t.clone() for k, t in c.items()}
         flush_reference(ref["k_ring"], ref["v_ring"], ref["k_packed"], ref["k_scale"], ref["k_min"], ref["v_packed"],
                         ref["v_scale"], ref["v_min"], due, bits, bits, G, 4)
-        flush(*args(due))
+        flush(*flush_args(due))
         exact = same_bits(c, ref)
-        flush_rows.append((bits, bench([lambda: flush(*args(due))]), bench([lambda: flush(*args(none))]), exact))
+        flush_rows.append((bits, bench([lambda: flush(*flush_args(due))]), bench([lambda: flush(*flush_args(none))]),
+                           exact))
         del c, ref
 
     # prefill's quantization of one 2000-token prompt (1888 tokens quantized) into slot 5 of 8,
@@ -244,6 +250,11 @@ def main() -> None:
     for bits, t_ref, t_tri, exact in prompt_rows:
         print(f"| {bits}/{bits} | {t_ref:.1f} | {t_tri:.1f} | {t_ref / t_tri:.1f}x | {exact} |")
     print(f"\ntorch.compile(reduce-overhead, fullgraph) flush + decode vs eager: max abs diff {compiled_diff:.2e}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "device": dev, "torch": torch.__version__, "triton": triton.__version__,
+            "rows": [{"shape": r[0], "bits": f"{r[1]}/{r[1]}", "kivi_us": round(r[2], 1), "sdpa_us": round(r[3], 1)}
+                     for r in rows]}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def cache_state(lengths, H, Hq, D, L, R, S, G, bits_k, bits_v, dtype, fill, seed
     v_ring = k_ring.clone()
     for b, (n, q_n) in enumerate(zip(lengths, nq)):
         ks[b, :, q_n // G :], km[b, :, q_n // G :], vs[b, :, q_n:], vm[b, :, q_n:] = fill, fill, fill, fill
-        kp[b, :, q_n * bits_k // 32 :], vp[b, :, q_n:] = -1, -1
+        kp[b, :, q_n:], vp[b, :, q_n:] = -1, -1
         idx = torch.arange(q_n, n) % R
         k_ring[b, :, idx], v_ring[b, :, idx] = k[b, :, q_n:n], v[b, :, q_n:n]
     q = torch.randn(B, Hq, D, generator=g).to(dtype)
@@ -103,11 +103,43 @@ def test_decode_attention_splits(nan_allocations, num_splits):
     check_attention((3, 100, 300, 511), 2, 4, 64, 512, 64, 4, 32, (2, 2), torch.float32, num_splits)
 
 
-@pytest.mark.parametrize("num_warps, block_scale", [(8, 1), (4, 2)])
-def test_decode_attention_tuning_knobs(nan_allocations, num_warps, block_scale):
-    """The benchmark's knobs change speed, not results (GQA, sinks, lengths off every block)."""
-    check_attention((1, 70, 300, 611), 2, 8, 64, 640, 64, 4, 32, (2, 2), torch.float16, None,
-                    num_warps=num_warps, block_scale=block_scale)
+GPU = pytest.mark.skipif(DEVICE != "cuda", reason="the tensor-core kernel needs a CUDA GPU; "
+                         "scripts/check_gpu.py runs these tests there")
+
+# head groupings from MHA (1) to MQA (128 query heads on one kv head), both head sizes, both
+# bit widths for keys and values, every group size, sinks or none, both 16-bit dtypes
+TENSOR_CORE_CASES = [
+    (2, 2, 128, 32, (2, 2), 4, torch.bfloat16),
+    (2, 2, 64, 64, (4, 4), 0, torch.float16),
+    (3, 9, 64, 32, (2, 2), 4, torch.bfloat16),
+    (2, 8, 128, 32, (4, 2), 0, torch.bfloat16),
+    (1, 8, 128, 128, (2, 4), 4, torch.float16),
+    (2, 16, 64, 32, (2, 2), 4, torch.float16),
+    (1, 16, 128, 64, (4, 4), 4, torch.bfloat16),
+    (1, 32, 128, 32, (2, 2), 0, torch.bfloat16),
+    (1, 71, 64, 32, (2, 2), 4, torch.bfloat16),
+    (1, 71, 64, 64, (4, 2), 0, torch.float16),
+    (1, 128, 128, 32, (2, 4), 4, torch.bfloat16),
+    (1, 128, 64, 32, (4, 4), 0, torch.float16),
+]
+
+
+@GPU
+@pytest.mark.parametrize("H, Hq, D, G, bits, S, dtype", TENSOR_CORE_CASES)
+def test_decode_attention_tensor_cores(nan_allocations, H, Hq, D, G, bits, S, dtype):
+    """The tensor-core path equals the reference: lengths of 1 token, under R, just flushed,
+    mid-group and long, none a multiple of any block; every slot at its own length."""
+    R = 2 * G
+    lengths = (1, R - 3, R, R + G + 5, 7 * G + 13, 20 * G + 31)
+    check_attention(lengths, H, Hq, D, 24 * G, R, S, G, bits, dtype, tensor_cores=True)
+
+
+@GPU
+@pytest.mark.parametrize("num_splits", [1, 3, 40])
+def test_decode_attention_tensor_cores_splits(nan_allocations, num_splits):
+    """Any split count covers every packed position once, more splits than blocks included."""
+    check_attention((5, 300, 1000, 2049), 2, 8, 128, 2304, 64, 4, 32, (2, 2), torch.bfloat16, num_splits,
+                    tensor_cores=True)
 
 
 def test_plain_cache(nan_allocations):
@@ -137,7 +169,7 @@ def test_batch_independence_and_empty_slot(nan_allocations):
 
 def random_store(B, H, L, D, G, bits_k, bits_v, dtype, g):
     """Packed store buffers of random bits (what a kernel does not write must stay as is)."""
-    bufs = [torch.randint(-2**31, 2**31 - 1, (B, H, L * bits_k // 32, D), generator=g, dtype=torch.int32),
+    bufs = [torch.randint(-2**31, 2**31 - 1, (B, H, L, D * bits_k // 32), generator=g, dtype=torch.int32),
             torch.randn(B, H, L // G, D, generator=g).to(dtype), torch.randn(B, H, L // G, D, generator=g).to(dtype),
             torch.randint(-2**31, 2**31 - 1, (B, H, L, D * bits_v // 32), generator=g, dtype=torch.int32),
             torch.randn(B, H, L, D // G, generator=g).to(dtype), torch.randn(B, H, L, D // G, generator=g).to(dtype)]

@@ -1,4 +1,4 @@
-"""Quantization and bit packing of quantize_kv.py (DESIGN §1-2).
+"""Quantization and bit packing of quantize_kv.py.
 
 Round-trip error bounds, the stored statistics, the documented packed layouts (checked
 against words computed by hand or with Python integers), no spilling between codes,
@@ -98,21 +98,23 @@ dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
        prefix=shape_prefix, magnitude=magnitudes, pattern=patterns, dtype=dtypes, seed=st.integers(0, 2**31))
 def test_keys_per_channel_round_trip_within_half_scale(bits, mult, n_groups, d, prefix, magnitude, pattern, dtype,
                                                        seed):
-    G = (32 // bits) * mult  # a key group must fill whole packed rows
+    G = 2 * mult
+    d = d * (32 // bits)  # channels fill whole words
     k = random_data((*prefix, n_groups * G, d), seed, magnitude, pattern, dtype)
     packed, scale, mn = quantize_keys(k, bits, G)
-    assert packed.dtype == torch.int32 and packed.shape == (*prefix, n_groups * G * bits // 32, d)
+    assert packed.dtype == torch.int32 and packed.shape == (*prefix, n_groups * G, d * bits // 32)
     assert scale.shape == mn.shape == (*prefix, n_groups, d)  # one per (group of tokens, channel)
     k_hat = dequantize_keys(packed, scale, mn, bits, G)
     check_round_trip(k, k_hat, scale, mn, bits, G, dim=len(prefix))
 
 
 @FAST
-@given(bits=st.sampled_from(BITS), G=st.integers(1, 12), mult=st.integers(1, 2), t=st.integers(1, 5),
+@given(bits=st.sampled_from(BITS), G=st.integers(1, 12), mult=st.integers(1, 2), t=st.integers(1, 3),
        prefix=shape_prefix, magnitude=magnitudes, pattern=patterns, dtype=dtypes, seed=st.integers(0, 2**31))
 def test_values_per_token_round_trip_within_half_scale(bits, G, mult, t, prefix, magnitude, pattern, dtype, seed):
-    per_word = 32 // bits
-    D = G * per_word // math.gcd(G, per_word) * mult  # whole groups and whole packed words
+    unit = max(32 // bits, 8)  # whole words a token, and 8 channel classes
+    D = G * unit // math.gcd(G, unit) * mult  # whole groups too
+    t = 2 * t  # token pairs
     v = random_data((*prefix, t, D), seed, magnitude, pattern, dtype)
     packed, scale, mn = quantize_values(v, bits, G)
     assert packed.dtype == torch.int32 and packed.shape == (*prefix, t, D * bits // 32)
@@ -172,6 +174,11 @@ def test_pack_unpack_lossless_for_every_code_value(bits):
     assert torch.equal(unpack(pack(codes, bits, dim=-1), bits, dim=-1), codes)
 
 
+def position_shift(i: int, bits: int) -> int:
+    """Bit offset of position i of a word: pairs of positions share an offset, one per half."""
+    return bits * (i // 2) + 16 * (i % 2)
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_max_code_at_each_word_position_never_spills_into_neighbours(bits):
     per_word, max_code = 32 // bits, 2**bits - 1
@@ -179,7 +186,7 @@ def test_max_code_at_each_word_position_never_spills_into_neighbours(bits):
         one = torch.zeros(per_word, dtype=torch.uint8)
         one[j] = max_code
         word = pack(one, bits, dim=0)
-        assert word.tolist() == [to_signed32(max_code << (j * bits))]
+        assert word.tolist() == [to_signed32(max_code << position_shift(j, bits))]
         assert torch.equal(unpack(word, bits, dim=0), one)
         hole = torch.full((per_word,), max_code, dtype=torch.uint8)
         hole[j] = 0
@@ -204,57 +211,64 @@ def test_out_of_range_codes_are_clamped_not_bled_into_neighbours(bits, bad):
         assert unpack(pack(codes, bits, dim=0), bits, dim=0).tolist() == expected.tolist()
 
 
-def test_packed_word_matches_hand_computed_strided_order():
-    """word[i] holds code[i + j * N / per_word] at bits j * bits (DESIGN: strided order)."""
-    # 4 bits, N = 16: word 0 holds codes 0, 2, 4, ..., 14; word 1 holds 1, 3, ..., 15
-    codes = torch.arange(16, dtype=torch.uint8)
-    assert pack(codes, 4, dim=0).tolist() == [to_signed32(0xECA86420), to_signed32(0xFDB97531)]
-    # 2 bits, N = 32, codes i % 4: word 0 holds 0,2,0,2,... -> 0b10 at odd j; word 1 holds 1,3,1,3,...
-    codes = (torch.arange(32) % 4).to(torch.uint8)
-    assert pack(codes, 2, dim=0).tolist() == [to_signed32(0x88888888), to_signed32(0xDDDDDDDD)]
-    # 8 bits, N = 8: word 0 holds codes 0, 2, 4, 6; word 1 holds 1, 3, 5, 7
-    codes = torch.tensor([0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88], dtype=torch.uint8)
-    assert pack(codes, 8, dim=0).tolist() == [to_signed32(0x77553311), to_signed32(0x88664422)]
+def test_packed_word_matches_hand_computed_pair_order():
+    """Position i at bit bits * (i // 2) + 16 * (i % 2): even positions in the low half-word,
+    odd ones in the high half, each pair at the same offset."""
+    # 4 bits: codes 0..7 -> low half 0, 2, 4, 6 (nibbles), high half 1, 3, 5, 7
+    codes = torch.arange(8, dtype=torch.uint8)
+    assert pack(codes, 4, dim=0).tolist() == [to_signed32(0x75316420)]
+    # 2 bits, codes i % 4: low half holds 0, 2, 0, 2, ... ; high half 1, 3, 1, 3, ...
+    codes = (torch.arange(16) % 4).to(torch.uint8)
+    assert pack(codes, 2, dim=0).tolist() == [to_signed32(0xDDDD8888)]
+    # 8 bits: codes 0x11, 0x22, 0x33, 0x44 -> low half 0x33 0x11, high half 0x44 0x22
+    codes = torch.tensor([0x11, 0x22, 0x33, 0x44], dtype=torch.uint8)
+    assert pack(codes, 8, dim=0).tolist() == [to_signed32(0x44223311)]
 
 
-def python_pack_axis(codes: list[int], bits: int) -> list[int]:
+def python_pack(codes: list[int], bits: int) -> list[int]:
     per_word = 32 // bits
-    stride = len(codes) // per_word
-    return [to_signed32(sum(codes[i + j * stride] << (j * bits) for j in range(per_word))) for i in range(stride)]
+    return [to_signed32(sum(codes[w * per_word + i] << position_shift(i, bits) for i in range(per_word)))
+            for w in range(len(codes) // per_word)]
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_pack_along_first_axis_uses_the_strided_order(bits):
+def test_pack_along_first_axis_uses_the_pair_order(bits):
     per_word = 32 // bits
     g = torch.Generator().manual_seed(7 + bits)
     codes = torch.randint(0, 2**bits, (2 * per_word, 3), generator=g, dtype=torch.uint8)
     words = pack(codes, bits, dim=0)
     for c in range(3):
-        assert words[:, c].tolist() == python_pack_axis(codes[:, c].tolist(), bits)
+        assert words[:, c].tolist() == python_pack(codes[:, c].tolist(), bits)
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_quantize_keys_layout_is_strided_within_each_group(bits):
-    """k_packed rows: per group of G tokens, G / per_word rows, strided within the group."""
-    G, T, D = 2 * 32 // bits, 3 * 2 * 32 // bits, 3
+def test_quantize_keys_layout_packs_each_tokens_channels(bits):
+    """k_packed [T, D * bits / 32]: a token's D channels packed in order (pairs in the halves)."""
+    G, T, D = 4, 8, 2 * 32 // bits
     k = random_data((T, D), 11, 1.0, "normal")
     packed, _, _ = quantize_keys(k, bits, G)
     codes, _, _ = quantize(k, bits, G, dim=0)
-    rows = G * bits // 32
-    for g in range(T // G):
-        for c in range(D):
-            expected = python_pack_axis(codes[g * G : (g + 1) * G, c].tolist(), bits)
-            assert packed[g * rows : (g + 1) * rows, c].tolist() == expected
+    for t in range(T):
+        assert packed[t].tolist() == python_pack(codes[t].tolist(), bits)
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_quantize_values_layout_is_strided_across_the_whole_head_dim(bits):
-    G, D = 8, 32  # 2, 4 or 8 words per token
-    v = random_data((3, D), 12, 1.0, "normal")
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_quantize_values_layout_pairs_tokens_by_channel_class(bits, D):
+    """v_packed rows 2p, 2p+1: one run of words; channel c is slot n = (c % 8) * D / 8 + c // 8,
+    word n // SPW at slot n % SPW, token 2p at bits * slot, token 2p+1 sixteen bits higher."""
+    T, G, spw = 6, 16, 16 // bits
+    v = random_data((T, D), 12, 1.0, "normal")
     packed, _, _ = quantize_values(v, bits, G)
     codes, _, _ = quantize(v, bits, G, dim=-1)
-    for t in range(3):
-        assert packed[t].tolist() == python_pack_axis(codes[t].tolist(), bits)
+    assert packed.shape == (T, D * bits // 32)
+    for p in range(T // 2):
+        run = [w & 0xFFFFFFFF for w in packed[2 * p : 2 * p + 2].flatten().tolist()]
+        for c in range(D):
+            n = (c % 8) * (D // 8) + c // 8
+            word, slot = run[n // spw], n % spw
+            assert (word >> (bits * slot)) & (2**bits - 1) == codes[2 * p, c]
+            assert (word >> (bits * slot + 16)) & (2**bits - 1) == codes[2 * p + 1, c]
 
 
 # ---------------------------------------------------------------- constant groups
@@ -264,7 +278,7 @@ def test_quantize_values_layout_is_strided_across_the_whole_head_dim(bits):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("value", [-3.75, 0.0, 1e-3, 1000.0, -6e4])
 def test_constant_group_dequantizes_exactly_to_its_value(dtype, bits, value):
-    G = 32 // bits * 2
+    G = max(32 // bits, 8)
     k = random_data((2, 2 * G, 2 * G), 5, 1.0, "normal", dtype)
     k[0, :G, 3] = value  # a constant key group (one channel over G tokens)
     k[1] = value  # every group of this head constant
@@ -306,10 +320,12 @@ def test_quantize_keys_raises_for_a_partial_token_group():
         quantize_keys(k[:, :17], 4, 16)
 
 
-def test_quantize_values_raises_for_a_partial_channel_group():
+def test_quantize_values_raises_for_a_partial_channel_group_or_token_pair():
     v = random_data((4, 40), 1, 1.0, "normal")
     with pytest.raises(ValueError, match=r"40.*32"):
         quantize_values(v, 2, 32)
+    with pytest.raises(ValueError, match=r"token pairs.*3 tokens"):
+        quantize_values(random_data((3, 32), 1, 1.0, "normal"), 2, 16)
 
 
 @pytest.mark.parametrize("bits", BITS)

@@ -1,0 +1,512 @@
+"""Decode attention over the packed KIVI store on the tensor cores (Gluon, mma.sync m16n8k16).
+
+One warp a program. Grid (NUM_SPLITS * NUM_CHUNKS, B * H): program (s * NUM_CHUNKS + c, b * H + h)
+serves query heads c*16 .. c*16+15 of kv head h of slot b (the heads h*HG + ..., padded to HM = 16
+rows; HN = 8 or 16 of them are real columns of the value product) over split s of the slot's
+packed positions [0, n_q[b]) cut into NUM_SPLITS runs of whole T = 32 token blocks (a block
+lies in one key group: G is a multiple of T), so the work follows each slot's live length. It
+writes one partial result (normalized output and log2-sum-exp, -inf when it has no tokens) at
+part PART0 + s; the sinks, the ring and the merge are kernels/decode_attention.py's.
+
+A 2- or 4-bit code c whose bits are masked into the low mantissa of an otherwise zero 16-bit
+float is the exact subnormal c * 2^(e - EB) (EB = 133 for bf16, 24 for fp16; e its bit offset),
+and a word gives two of them, its two halves, with one LOP3: that pair is one 32-bit MMA
+operand register. The store's packed layouts (quantize_kv.py) put the pairs where the MMA
+fragments want them, so codes go from memory to the tensor cores with a shift and a mask:
+
+  scores  S[h, t] = sum_d Qs[h, d] * code_k[d, t] + sum_d q[h, d] * k_min[g, d]
+      Qs = q * k_scale[g] * 2^(KF - e(d)) (A operand, rows = query heads, per key group g),
+      codes as B [D, T]; the min term is one more MMA against k_min broadcast over 8 columns.
+  output  o^T[c, h] = sum_t code_v[c, t] * (p * v_scale[t, gv])[t, h] + sum_t v_min[t, gv] p[t, h]
+      value codes as A [G, T] per channel group gv (rows = channels), p * v_scale as B
+      [T, HN]: the score accumulator's registers are the B operand's, so p never moves; the
+      min term is an MMA with the groups as rows; 2^(EB - e(c)) rescales each output channel.
+The MMA K order of the scores is a permutation of the channels (kappa = 8j + 2 tig + u holds
+channel tig * D / 4 + 2j + u): each lane's quarter of the channels is contiguous in memory.
+Softmax is lazy: the running max moves only when a block beats it by more than TAU (log2),
+so p <= 2^TAU and the accumulators are rarely rescaled; p carries 2^KV so that p * v_scale
+stays a normal float. All loads of block t0 + T are issued before block t0's math.
+
+Layouts: every register tensor has an explicit layout (linear layouts spelled out below, or
+the mma.sync operand layouts), chosen so that the words a lane loads are, after the shift
+and mask, exactly its operand fragments; each such step is a convert_layout with
+assert_trivial=True, so a layout that would need data movement fails to compile.
+Launch heuristics (splits, one warp) live in default_splits() and packed_attention().
+
+Adding a bit width b (it must fit a 16-bit float's mantissa: b <= 7 for bf16):
+  1. quantize_kv.SUPPORTED_BITS and the pair packing there hold it already if 16 % b == 0;
+  2. here, allow b in the static_assert and in supports(); _extract's window CW = MANT // b
+     and the slot count SPW = 16 // b follow, as do the exponents e of the rescaling;
+  3. kernels/quantize.py and kernels/decode_attention.py are generic in b (check their
+     static shapes: D * b / 128 words a lane);
+  4. add cases to tests/test_kernels.py (TENSOR_CORE_CASES) and run scripts/check_gpu.py.
+"""
+
+import torch
+import triton
+from torch import Tensor
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+T = gl.constexpr(32)  # tokens a block
+HM = gl.constexpr(16)  # query-head rows of the score MMA
+TAU = gl.constexpr(8.0)
+
+
+@gluon.constexpr_function
+def _log2(n):
+    return n.bit_length() - 1
+
+
+@gluon.constexpr_function
+def _bits_of(n, offset, rank, dim):
+    """Linear-layout bases that put the log2(n) bits of one dimension on one hardware axis."""
+    return [[(1 << (b + offset)) if i == dim else 0 for i in range(rank)] for b in range(_log2(n))]
+
+
+@gluon.constexpr_function
+def _exp2(n):
+    return 2.0**n
+
+
+@gluon.constexpr_function
+def _linear(reg, lane, shape):
+    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=lane, warp_bases=[], block_bases=[], shape=shape)
+
+
+MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
+OP_A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA.value, k_width=2))
+OP_B = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA.value, k_width=2))
+
+
+@gluon.constexpr_function
+def _key_words_layout(WPT, SPW):
+    """[WPT, SPW, 4, T]: (word of the lane, slot, lane's quarter tig, token). Lanes: tig, then
+    token bits 0-2; registers: words, slots, token bits 3-4 (the B operand's map, pairs aside)."""
+    reg = _bits_of(WPT, 0, 4, 0) + _bits_of(SPW, 0, 4, 1) + [[0, 0, 0, 8], [0, 0, 0, 16]]
+    lane = [[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4]]
+    return _linear(reg, lane, [WPT, SPW, 4, T])
+
+
+@gluon.constexpr_function
+def _value_words_layout(WPG, SPW):
+    """[WPG, SPW, 8, T / 2]: (word of the channel class, slot, channel class c % 8, token pair).
+    Lanes: pair bits 0-1, then the class; registers: words, slots, pair bits 2-3 (the A
+    operand's map of [channels, tokens], pairs aside)."""
+    reg = _bits_of(WPG, 0, 4, 0) + _bits_of(SPW, 0, 4, 1) + [[0, 0, 0, 4], [0, 0, 0, 8]]
+    lane = [[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0]]
+    return _linear(reg, lane, [WPG, SPW, 8, T // 2])
+
+
+@gluon.constexpr_function
+def _quarters_layout(D):
+    """[4, D / 4]: lane quarter tig holds channels tig * D / 4 .. in its registers (16-byte
+    loads); the 8 lanes of a quarter hold copies."""
+    return _linear(_bits_of(D // 4, 0, 2, 1), [[1, 0], [2, 0], [0, 0], [0, 0], [0, 0]], [4, D // 4])
+
+
+@gluon.constexpr_function
+def _token_groups_layout(NGV):
+    """[T, NGV]: a lane holds, for the tokens of its B-operand rows, the NGV value groups."""
+    reg = _bits_of(NGV, 0, 2, 1) + [[1, 0], [8, 0], [16, 0]]
+    return _linear(reg, [[2, 0], [4, 0], [0, 0], [0, 0], [0, 0]], [T, NGV])
+
+
+@gluon.constexpr_function
+def _half_scores_layout():
+    """[8, T]: the score accumulator's rows 0-7."""
+    return _linear([[0, 1], [0, 8], [0, 16]], [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], [8, T])
+
+
+@gluon.constexpr_function
+def _scores_layout(HN):
+    return MMA if HN == 16 else _half_scores_layout()
+
+
+@gluon.constexpr_function
+def _query_layout(HN, D):
+    """[HN, D]: the A operand's rows 0 .. HN - 1 (all of it when HN == 16)."""
+    if HN == 16:
+        return OP_A
+    reg = [[0, 1]] + _bits_of(D // 8, 3, 2, 1)
+    return _linear(reg, [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], [8, D])
+
+
+@gluon.jit
+def _pow2(e):
+    """Exact 2^e as fp32 for an integer tensor e in the normal range."""
+    return ((e + 127) << 23).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _repeat_columns(x, N: gl.constexpr):
+    """[R, C] -> [R, N * C]: x repeated N times along the columns (N = 1, 2 or 4; registers)."""
+    R: gl.constexpr = x.shape[0]
+    C: gl.constexpr = x.shape[1]
+    if N >= 2:
+        x = gl.reshape(gl.permute(gl.join(x, x), (0, 2, 1)), [R, 2 * C])
+    if N == 4:
+        x = gl.reshape(gl.permute(gl.join(x, x), (0, 2, 1)), [R, 4 * C])
+    return x
+
+
+@gluon.jit
+def _grid2(N0: gl.constexpr, N1: gl.constexpr, layout: gl.constexpr):
+    i0 = gl.arange(0, N0, layout=gl.SliceLayout(1, layout))
+    i1 = gl.arange(0, N1, layout=gl.SliceLayout(0, layout))
+    return gl.expand_dims(i0, 1), gl.expand_dims(i1, 0)
+
+
+@gluon.jit
+def _grid3(N0: gl.constexpr, N1: gl.constexpr, N2: gl.constexpr, layout: gl.constexpr):
+    i0 = gl.arange(0, N0, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+    i1 = gl.arange(0, N1, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+    i2 = gl.arange(0, N2, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    return (gl.expand_dims(gl.expand_dims(i0, 1), 2), gl.expand_dims(gl.expand_dims(i1, 0), 2),
+            gl.expand_dims(gl.expand_dims(i2, 0), 1))
+
+
+@gluon.jit
+def _slots(SPW: gl.constexpr, layout: gl.constexpr):
+    """The slot index k as a [1, SPW, 1, 1] tensor of a 4-d layout."""
+    k = gl.arange(0, SPW, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, layout))))
+    return gl.expand_dims(gl.expand_dims(gl.expand_dims(k, 0), 2), 3)
+
+
+@gluon.jit
+def _extract(words, k, BITS: gl.constexpr, CW: gl.constexpr):
+    """Slot k of each word, both halves, masked in place as subnormal codes: slot k sits at bit
+    BITS * k of each half; after a shift by BITS * CW * (k // CW) it sits at e = BITS * (k % CW)."""
+    e = k % CW * BITS
+    mask = ((1 << BITS) - 1) << e
+    return (words >> (k // CW * (CW * BITS))) & (mask | (mask << 16))
+
+
+@gluon.jit
+def _pairs_to_operand(pairs, ROWS: gl.constexpr, COLS: gl.constexpr, PAIRS_ON_ROWS: gl.constexpr,
+                      DTYPE: gl.constexpr):
+    """int32 words holding two 16-bit floats -> the floats, the pair as the fastest index of
+    rows ([ROWS / 2, COLS] -> [ROWS, COLS]) or of columns ([ROWS, COLS / 2] -> [ROWS, COLS])."""
+    lo = (pairs & 0xFFFF).to(gl.int16).to(DTYPE, bitcast=True)
+    hi = (pairs >> 16).to(gl.int16).to(DTYPE, bitcast=True)
+    x = gl.join(lo, hi)
+    if PAIRS_ON_ROWS:
+        x = gl.permute(x, (0, 2, 1))
+    return gl.reshape(x, [ROWS, COLS])
+
+
+@gluon.jit
+def _key_codes(kw, D: gl.constexpr, BITS: gl.constexpr, CW: gl.constexpr, DTYPE: gl.constexpr):
+    """Key words [WPT, 4, T] of a block -> codes [D, T] as the scores' B operand (K order kappa)."""
+    WPT: gl.constexpr = D * BITS // 128
+    SPW: gl.constexpr = 16 // BITS
+    XL: gl.constexpr = _key_words_layout(WPT, SPW)
+    kw = gl.convert_layout(kw, gl.SliceLayout(1, XL), assert_trivial=True)
+    x = _extract(gl.expand_dims(kw, 1), _slots(SPW, XL), BITS, CW)  # [WPT, SPW, 4, T]
+    x = gl.reshape(x, [D // 2, T])  # pair index (w * SPW + k) * 4 + tig
+    return gl.convert_layout(_pairs_to_operand(x, D, T, True, DTYPE), OP_B, assert_trivial=True)
+
+
+@gluon.jit
+def _value_codes(vw, D: gl.constexpr, BITS: gl.constexpr, CW: gl.constexpr, DTYPE: gl.constexpr):
+    """Value words [WPG, 8, T / 2] of a block -> codes [D, T] (channels in natural order) as
+    the A operand of the value product."""
+    WPG: gl.constexpr = D * BITS // 128
+    SPW: gl.constexpr = 16 // BITS
+    XL: gl.constexpr = _value_words_layout(WPG, SPW)
+    vw = gl.convert_layout(vw, gl.SliceLayout(1, XL), assert_trivial=True)
+    x = _extract(gl.expand_dims(vw, 1), _slots(SPW, XL), BITS, CW)  # [WPG, SPW, 8, T / 2]
+    x = gl.reshape(x, [D, T // 2])  # channel (w * SPW + k) * 8 + c % 8
+    return gl.convert_layout(_pairs_to_operand(x, D, T, False, DTYPE), OP_A, assert_trivial=True)
+
+
+@gluon.jit
+def _kappa_order(x, D: gl.constexpr, layout: gl.constexpr):
+    """Channels [4, D / 4] in natural order (quarters) -> [D] in the MMA K order kappa."""
+    x = gl.reshape(x, [4, D // 8, 2])
+    x = gl.reshape(gl.permute(x, (1, 0, 2)), [D])
+    return gl.convert_layout(x, layout, assert_trivial=True)
+
+
+@gluon.jit
+def _load_key_words(KP, t0, D: gl.constexpr, BITS: gl.constexpr):
+    """Words [WPT, 4, T] of tokens t0 .. t0 + T - 1: word tig * WPT + w of each token."""
+    WPT: gl.constexpr = D * BITS // 128
+    L: gl.constexpr = gl.SliceLayout(1, _key_words_layout(WPT, 16 // BITS))
+    w, tig, t = _grid3(WPT, 4, T, L)
+    return gl.load(KP + (t0 + t) * (4 * WPT) + tig * WPT + w)
+
+
+@gluon.jit
+def _load_value_words(VP, t0, D: gl.constexpr, BITS: gl.constexpr):
+    """Words [WPG, 8, T / 2] of the token pairs of tokens t0 ..: word (c % 8) * WPG + w of each pair."""
+    WPG: gl.constexpr = D * BITS // 128
+    L: gl.constexpr = gl.SliceLayout(1, _value_words_layout(WPG, 16 // BITS))
+    w, cls, p = _grid3(WPG, 8, T // 2, L)
+    return gl.load(VP + (t0 // 2 + p) * (8 * WPG) + cls * WPG + w)
+
+
+@gluon.jit
+def _load_block(KP, KS, KM, VP, VS, VM, t0, D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr,
+                BITS_V: gl.constexpr):
+    """Every load of block t0, raw: key words, k_scale and k_min rows [4, D / 4], value words,
+    v_scale [T, NGV] and v_min as the [HM, T] A operand (rows = value groups)."""
+    NGV: gl.constexpr = D // G
+    quarter, col = _grid2(4, D // 4, _quarters_layout(D))
+    qrow = t0 // G * D + quarter * (D // 4) + col
+    tok, grp = _grid2(T, NGV, _token_groups_layout(NGV))
+    vrow, vtok = _grid2(HM, T, OP_A)
+    return (_load_key_words(KP, t0, D, BITS_K), gl.load(KS + qrow), gl.load(KM + qrow),
+            _load_value_words(VP, t0, D, BITS_V), gl.load(VS + (t0 + tok) * NGV + grp),
+            gl.load(VM + (t0 + vtok) * NGV + vrow, mask=vrow < NGV, other=0.0))
+
+
+@gluon.jit
+def _columns(x, N: gl.constexpr):
+    """[R, N] -> tuple of N tensors [R] (N = 1, 2 or 4; columns in registers)."""
+    R: gl.constexpr = x.shape[0]
+    if N == 1:
+        cols = (gl.reshape(x, [R]),)
+    elif N == 2:
+        cols = gl.split(x)
+    else:
+        even, odd = gl.split(gl.reshape(x, [R, 2, 2]))
+        c0, c2 = gl.split(even)
+        c1, c3 = gl.split(odd)
+        cols = (c0, c1, c2, c3)
+    return cols
+
+
+@gluon.jit
+def _rows(x, N: gl.constexpr, G: gl.constexpr):
+    """[N * G, C] -> tuple of N tensors [G, C] (N = 1, 2 or 4; the row blocks in registers)."""
+    C: gl.constexpr = x.shape[1]
+    if N == 1:
+        blocks = (x,)
+    elif N == 2:
+        blocks = gl.split(gl.permute(gl.reshape(x, [2, G, C]), (1, 2, 0)))
+    else:
+        lo, hi = gl.split(gl.permute(gl.reshape(x, [2, 2, G, C]), (2, 3, 1, 0)))
+        a, b = gl.split(lo)
+        c, d = gl.split(hi)
+        blocks = (a, b, c, d)
+    return blocks
+
+
+@gluon.jit
+def _pad_rows(x):
+    """[HN, D] in _query_layout -> the A operand [HM, D], rows HN .. HM - 1 zero."""
+    HN: gl.constexpr = x.shape[0]
+    D: gl.constexpr = x.shape[1]
+    if HN < HM:
+        x = gl.reshape(gl.permute(gl.join(x, gl.zeros_like(x)), (2, 0, 1)), [HM, D])
+    return gl.convert_layout(x, OP_A, assert_trivial=True)
+
+
+@gluon.jit
+def _split_leading(x, N: gl.constexpr):
+    """[N * M, ...] (3-d) -> tuple of N tensors [M, ...] (N = 1, 2 or 4; dim 0's high bits in registers)."""
+    M: gl.constexpr = x.shape[0] // N
+    A: gl.constexpr = x.shape[1]
+    B: gl.constexpr = x.shape[2]
+    if N == 1:
+        parts = (x,)
+    elif N == 2:
+        parts = gl.split(gl.permute(gl.reshape(x, [2, M, A, B]), (1, 2, 3, 0)))
+    else:
+        lo, hi = gl.split(gl.permute(gl.reshape(x, [2, 2, M, A, B]), (2, 3, 4, 1, 0)))
+        a, b = gl.split(lo)
+        c, d = gl.split(hi)
+        parts = (a, b, c, d)
+    return parts
+
+
+@gluon.jit
+def _split_columns(x, N: gl.constexpr):
+    """[R, N * C] -> tuple of N tensors [R, C] (N = 1, 2 or 4; the column blocks in registers)."""
+    R: gl.constexpr = x.shape[0]
+    C: gl.constexpr = x.shape[1] // N
+    if N == 1:
+        parts = (x,)
+    elif N == 2:
+        parts = gl.split(gl.permute(gl.reshape(x, [R, 2, C]), (0, 2, 1)))
+    else:
+        lo, hi = gl.split(gl.permute(gl.reshape(x, [R, 2, 2, C]), (0, 3, 2, 1)))
+        a, b = gl.split(lo)
+        c, d = gl.split(hi)
+        parts = (a, b, c, d)
+    return parts
+
+
+@gluon.jit
+def _top_rows(x, HN: gl.constexpr):
+    """Score-layout rows 0 .. HN - 1 of an [HM, C] accumulator."""
+    C: gl.constexpr = x.shape[1]
+    if HN < HM:
+        x, _ = gl.split(gl.permute(gl.reshape(x, [2, 8, C]), (1, 2, 0)))
+    return x
+
+
+@gluon.jit
+def _mma_kernel(
+    Q, K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, N_QUANTIZED, O_PART, LSE_PART,
+    stride_qb, stride_qh, qk_scale, NUM_SPLITS,
+    H: gl.constexpr, HG: gl.constexpr, HN: gl.constexpr, NUM_CHUNKS: gl.constexpr, L: gl.constexpr,
+    S: gl.constexpr, D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr, BITS_V: gl.constexpr,
+    NUM_PARTS: gl.constexpr, PART0: gl.constexpr, DTYPE: gl.constexpr,
+):
+    gl.static_assert(G % T == 0 and D % G == 0 and D // G <= 4, "a block lies in one key group")
+    gl.static_assert((BITS_K == 2 or BITS_K == 4) and (BITS_V == 2 or BITS_V == 4), "2- or 4-bit codes")
+    MANT: gl.constexpr = 7 if DTYPE == gl.bfloat16 else 10  # mantissa bits of the operand dtype
+    EB: gl.constexpr = 133 if DTYPE == gl.bfloat16 else 24  # a subnormal is mantissa * 2^-EB
+    KF: gl.constexpr = 64 if DTYPE == gl.bfloat16 else 0  # exponent carried by Qs
+    KV: gl.constexpr = 64 if DTYPE == gl.bfloat16 else -8  # exponent carried by p (fp16: p * v_scale < 2^16)
+    NGV: gl.constexpr = D // G
+    SPW_K: gl.constexpr = 16 // BITS_K
+    CW_K: gl.constexpr = MANT // BITS_K  # codes a half-word holds in place below the exponent
+    SPW_V: gl.constexpr = 16 // BITS_V
+    CW_V: gl.constexpr = MANT // BITS_V
+    SL: gl.constexpr = _scores_layout(HN)
+
+    pid = gl.program_id(0)
+    chunk = pid % NUM_CHUNKS
+    split = pid // NUM_CHUNKS
+    pid_bh = gl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    n_q = gl.load(N_QUANTIZED + b)
+    split_len = gl.cdiv(gl.cdiv(n_q, NUM_SPLITS), T) * T
+    start = split * split_len
+    q_end = gl.minimum(start + split_len, n_q)
+    bh = pid_bh.to(gl.int64)
+
+    # query heads of this program: rows of the score accumulator
+    heads = chunk * HM + gl.arange(0, HN, layout=gl.SliceLayout(0, MMA))
+    out_rows = (b * (H * HG) + h * HG + heads) * NUM_PARTS + PART0 + split  # [HN] rows of o_part
+    if start >= q_end:
+        gl.store(LSE_PART + out_rows, gl.full([HN], float("-inf"), gl.float32, gl.SliceLayout(0, MMA)),
+                 mask=heads < HG)
+        return
+
+    # q [HN, D] in K order kappa (the A operand's rows), and q * 2^(KF - e) for Qs (exact)
+    r, kappa = _grid2(HN, D, _query_layout(HN, D))
+    j = kappa // 8
+    ch = kappa // 2 % 4 * (D // 4) + j * 2 + kappa % 2
+    q = gl.load(Q + b * stride_qb + (h * HG + chunk * HM + r) * stride_qh + ch, mask=chunk * HM + r < HG, other=0.0)
+    q_code = (q.to(gl.float32) * _pow2(KF - j % SPW_K % CW_K * BITS_K)).to(DTYPE)
+    q_min = _pad_rows(q)  # A operand of the key-min MMA
+
+    KP = K_PACKED + bh * L * (D * BITS_K // 32)
+    KS = K_SCALE + bh * (L // G) * D
+    KM = K_MIN + bh * (L // G) * D
+    VP = V_PACKED + bh * L * (D * BITS_V // 32)
+    VS = V_SCALE + bh * L * NGV
+    VM = V_MIN + bh * L * NGV
+    acc = ()
+    for gv in gl.static_range(NGV):
+        acc = acc + (gl.zeros([G, HN], gl.float32, MMA),)
+    code_scale = qk_scale * _exp2(EB - KF)  # the scores' units: 2^(KF - EB)
+    m_i = gl.full([HN], -1e30, gl.float32, gl.SliceLayout(1, SL))
+    l_acc = gl.zeros([HN, T], gl.float32, SL)
+    v_bias = gl.zeros([HM, HN], gl.float32, MMA)  # rows: value groups
+    WPT: gl.constexpr = D * BITS_K // 128  # key words a lane reads of a token: one chunk of the scores each
+    CH_V: gl.constexpr = 128 // BITS_V if 128 // BITS_V > G else G  # a value chunk: whole words, whole groups
+    spos = gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(0, SL)), 0)  # [1, T] token of a score column
+    nxt = _load_block(KP, KS, KM, VP, VS, VM, start, D, G, BITS_K, BITS_V)
+    for t0 in range(start, q_end, T):
+        kw, ks_raw, km_raw, vw, vs_raw, v_min = nxt
+        # every load of the next block is issued before this block's math (the last reloads itself)
+        nxt = _load_block(KP, KS, KM, VP, VS, VM, gl.minimum(t0 + T, q_end - T), D, G, BITS_K, BITS_V)
+
+        k_scale = _kappa_order(ks_raw, D, gl.SliceLayout(0, _query_layout(HN, D)))
+        k_min = _kappa_order(km_raw, D, gl.SliceLayout(1, OP_B))
+        km8 = gl.expand_dims(k_min, 1).broadcast_to([D, 8])
+        bias = mma_v2(q_min, km8, gl.zeros([HM, 8], gl.float32, MMA))  # [HM, 8], equal columns
+        qs = _split_columns(q_code * gl.expand_dims(k_scale, 0), WPT)  # one rounding of an exact product
+        kws = _split_leading(kw, WPT)
+        scores = gl.zeros([HM, T], gl.float32, MMA)
+        for w in gl.static_range(WPT):  # chunk by chunk: the unpacked codes stay few registers
+            scores = mma_v2(_pad_rows(qs[w]), _key_codes(kws[w], D // WPT, BITS_K, CW_K, DTYPE), scores)
+        bias = gl.convert_layout(_repeat_columns(_top_rows(bias, HN), T // 8), SL, assert_trivial=True)
+        s = gl.convert_layout(_top_rows(scores, HN), SL, assert_trivial=True) * code_scale + bias * qk_scale
+        if S > 0:
+            s = gl.where(t0 + spos >= S, s, float("-inf"))
+
+        m_blk = gl.max(s, 1)
+        if gl.max(m_blk - m_i, 0) > TAU:
+            m_new = gl.maximum(m_i, m_blk)
+            alpha = gl.exp2(m_i - m_new)
+            l_acc = l_acc * gl.expand_dims(alpha, 1)
+            alpha_c = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(0, MMA)), 0)
+            v_bias = v_bias * alpha_c
+            rescaled = ()
+            for gv in gl.static_range(NGV):
+                rescaled = rescaled + (acc[gv] * alpha_c,)
+            acc = rescaled
+            m_i = m_new
+        p = gl.exp2(s - gl.expand_dims(m_i - KV, 1))  # [HN, T], carries 2^KV
+        l_acc += p
+        p_t = gl.convert_layout(gl.permute(p, (1, 0)), OP_B, assert_trivial=True).to(DTYPE)  # [T, HN]
+        v_bias = mma_v2(v_min, p_t, v_bias)
+        v_scale = _columns(vs_raw, NGV)
+        vws = _split_leading(vw, D // CH_V)
+        updated = ()
+        for c in gl.static_range(D // CH_V):
+            vals = _rows(_value_codes(vws[c], CH_V, BITS_V, CW_V, DTYPE), CH_V // G, G)
+            for i in gl.static_range(CH_V // G):
+                scale = gl.convert_layout(v_scale[c * (CH_V // G) + i], gl.SliceLayout(1, OP_B), assert_trivial=True)
+                b_g = p_t * gl.expand_dims(scale, 1)  # 16-bit products, two a lane instruction
+                a_g = gl.convert_layout(vals[i], OP_A, assert_trivial=True)
+                updated = updated + (mma_v2(a_g, b_g, acc[c * (CH_V // G) + i]),)
+        acc = updated
+
+    # o[h, c] = (acc * 2^(EB - e(c)) + v_bias[gv]) / l, every factor carrying 2^KV
+    l_i = gl.convert_layout(gl.sum(l_acc, 1), gl.SliceLayout(0, MMA)) * _exp2(-KV)
+    gl.store(LSE_PART + out_rows, gl.convert_layout(m_i, gl.SliceLayout(0, MMA)) + gl.log2(l_i), mask=heads < HG)
+    vrows, _ = _grid2(HM, HN, MMA)
+    c, _ = _grid2(G, HN, MMA)
+    for gv in gl.static_range(NGV):
+        vb = gl.sum(gl.where(vrows == gv, v_bias, 0.0), 0) * _exp2(-KV)  # [HN]
+        cg = gv * G + c
+        o = acc[gv] * _pow2(EB - KV - cg // 8 % SPW_V % CW_V * BITS_V) + gl.expand_dims(vb, 0)
+        o = o / gl.expand_dims(l_i, 0)
+        gl.store(O_PART + gl.expand_dims(out_rows, 0) * D + cg, o, mask=gl.expand_dims(heads < HG, 0))
+
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def supports(q: Tensor, bits_k: int, bits_v: int, heads_per_kv: int) -> bool:
+    """Whether this kernel serves q's device and dtype, the bit widths and the head grouping
+    (head_dim 64 or 128 and group sizes 32..128 are checked by the caller)."""
+    return (q.is_cuda and q.dtype in _GL_DTYPES and bits_k in (2, 4) and bits_v in (2, 4) and heads_per_kv <= 128
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+def default_splits(programs: int, heads_per_kv: int, head_dim: int, sms: int) -> int:
+    """Splits of each slot's packed positions, for `programs` (slot, kv head) pairs: one wave of
+    the one-warp programs an SM holds at their register use (8 at head_dim 128, 12 at 64), at
+    least 2, times the head chunks (MQA's chunks read the same codes: more of them at once);
+    measured in benchmarks/NOTES.md."""
+    chunks = triton.cdiv(heads_per_kv, HM)
+    resident = (8 if head_dim == 128 else 12) * sms
+    return max(2, resident // (programs * chunks)) * chunks
+
+
+def packed_attention(q: Tensor, k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor,
+                     v_scale: Tensor, v_min: Tensor, n_quantized: Tensor, o_part: Tensor, lse_part: Tensor,
+                     bits_k: int, bits_v: int, group_size: int, n_sink: int, qk_scale: float, num_splits: int,
+                     part0: int) -> None:
+    """Write the partials of the packed positions, parts part0 .. part0 + num_splits - 1 of
+    o_part [B, Hq, parts, D] and lse_part [B, Hq, parts] (see the top)."""
+    B, Hq, D = q.shape
+    H, L = k_packed.shape[1], k_packed.shape[2]
+    HG = Hq // H
+    chunks = triton.cdiv(HG, HM)
+    _mma_kernel[(num_splits * chunks, B * H)](
+        q, k_packed, k_scale, k_min, v_packed, v_scale, v_min, n_quantized, o_part, lse_part,
+        q.stride(0), q.stride(1), qk_scale, num_splits,
+        H=H, HG=HG, HN=16 if HG > 8 else 8, NUM_CHUNKS=chunks, L=L, S=n_sink, D=D, G=group_size, BITS_K=bits_k,
+        BITS_V=bits_v, NUM_PARTS=o_part.shape[2], PART0=part0, DTYPE=_GL_DTYPES[q.dtype], num_warps=1,
+    )
