@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.quantize import _pair_shifts
+
 try:  # Gluon and the layouts this kernel states explicitly: Triton 3.6 and later
     from kernels import mma_attention
 except (ImportError, AttributeError):
@@ -50,13 +52,6 @@ def _attend(q, k, v, valid, m_i, l_i, acc, qk_scale):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee" if v.dtype == tl.float32 else None)
     return m_new, l_i, acc
-
-
-@triton.jit
-def _pair_shifts(N: tl.constexpr, BITS: tl.constexpr):
-    """Bit offset of position i of a packed word, i < N: BITS * (i // 2) + 16 * (i % 2)."""
-    i = tl.arange(0, N)
-    return BITS * (i // 2) + 16 * (i % 2)
 
 
 @triton.jit

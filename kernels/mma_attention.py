@@ -263,35 +263,55 @@ def _load_block(KP, KS, KM, VP, VS, VM, t0, D: gl.constexpr, G: gl.constexpr, BI
 
 
 @gluon.jit
-def _columns(x, N: gl.constexpr):
-    """[R, N] -> tuple of N tensors [R] (N = 1, 2 or 4; columns in registers)."""
-    R: gl.constexpr = x.shape[0]
+def _split_rows(x, N: gl.constexpr):
+    """[N * M, C] -> tuple of N tensors [M, C], row block i first (N = 1, 2 or 4; the row
+    blocks in registers, so no data moves)."""
+    M: gl.constexpr = x.shape[0] // N
+    C: gl.constexpr = x.shape[1]
     if N == 1:
-        cols = (gl.reshape(x, [R]),)
+        parts = (x,)
     elif N == 2:
-        cols = gl.split(x)
+        parts = gl.split(gl.permute(gl.reshape(x, [2, M, C]), (1, 2, 0)))
     else:
-        even, odd = gl.split(gl.reshape(x, [R, 2, 2]))
-        c0, c2 = gl.split(even)
-        c1, c3 = gl.split(odd)
-        cols = (c0, c1, c2, c3)
-    return cols
+        lo, hi = gl.split(gl.permute(gl.reshape(x, [2, 2, M, C]), (2, 3, 1, 0)))
+        a, b = gl.split(lo)
+        c, d = gl.split(hi)
+        parts = (a, b, c, d)
+    return parts
 
 
 @gluon.jit
-def _rows(x, N: gl.constexpr, G: gl.constexpr):
-    """[N * G, C] -> tuple of N tensors [G, C] (N = 1, 2 or 4; the row blocks in registers)."""
-    C: gl.constexpr = x.shape[1]
-    if N == 1:
-        blocks = (x,)
-    elif N == 2:
-        blocks = gl.split(gl.permute(gl.reshape(x, [2, G, C]), (1, 2, 0)))
-    else:
-        lo, hi = gl.split(gl.permute(gl.reshape(x, [2, 2, G, C]), (2, 3, 1, 0)))
-        a, b = gl.split(lo)
-        c, d = gl.split(hi)
-        blocks = (a, b, c, d)
-    return blocks
+def _split_leading(x, N: gl.constexpr):
+    """[N * M, A, B] -> tuple of N tensors [M, A, B] (_split_rows on the flattened tail)."""
+    M: gl.constexpr = x.shape[0] // N
+    A: gl.constexpr = x.shape[1]
+    B: gl.constexpr = x.shape[2]
+    rows = _split_rows(gl.reshape(x, [N * M, A * B]), N)
+    parts = ()
+    for i in gl.static_range(N):
+        parts = parts + (gl.reshape(rows[i], [M, A, B]),)
+    return parts
+
+
+@gluon.jit
+def _split_columns(x, N: gl.constexpr):
+    """[R, N * C] -> tuple of N tensors [R, C] (_split_rows of the transpose)."""
+    cols = _split_rows(gl.permute(x, (1, 0)), N)
+    parts = ()
+    for i in gl.static_range(N):
+        parts = parts + (gl.permute(cols[i], (1, 0)),)
+    return parts
+
+
+@gluon.jit
+def _columns(x, N: gl.constexpr):
+    """[R, N] -> tuple of the N columns [R]."""
+    R: gl.constexpr = x.shape[0]
+    cols = _split_columns(x, N)
+    parts = ()
+    for i in gl.static_range(N):
+        parts = parts + (gl.reshape(cols[i], [R]),)
+    return parts
 
 
 @gluon.jit
@@ -302,41 +322,6 @@ def _pad_rows(x):
     if HN < HM:
         x = gl.reshape(gl.permute(gl.join(x, gl.zeros_like(x)), (2, 0, 1)), [HM, D])
     return gl.convert_layout(x, OP_A, assert_trivial=True)
-
-
-@gluon.jit
-def _split_leading(x, N: gl.constexpr):
-    """[N * M, ...] (3-d) -> tuple of N tensors [M, ...] (N = 1, 2 or 4; dim 0's high bits in registers)."""
-    M: gl.constexpr = x.shape[0] // N
-    A: gl.constexpr = x.shape[1]
-    B: gl.constexpr = x.shape[2]
-    if N == 1:
-        parts = (x,)
-    elif N == 2:
-        parts = gl.split(gl.permute(gl.reshape(x, [2, M, A, B]), (1, 2, 3, 0)))
-    else:
-        lo, hi = gl.split(gl.permute(gl.reshape(x, [2, 2, M, A, B]), (2, 3, 4, 1, 0)))
-        a, b = gl.split(lo)
-        c, d = gl.split(hi)
-        parts = (a, b, c, d)
-    return parts
-
-
-@gluon.jit
-def _split_columns(x, N: gl.constexpr):
-    """[R, N * C] -> tuple of N tensors [R, C] (N = 1, 2 or 4; the column blocks in registers)."""
-    R: gl.constexpr = x.shape[0]
-    C: gl.constexpr = x.shape[1] // N
-    if N == 1:
-        parts = (x,)
-    elif N == 2:
-        parts = gl.split(gl.permute(gl.reshape(x, [R, 2, C]), (0, 2, 1)))
-    else:
-        lo, hi = gl.split(gl.permute(gl.reshape(x, [R, 2, 2, C]), (0, 3, 2, 1)))
-        a, b = gl.split(lo)
-        c, d = gl.split(hi)
-        parts = (a, b, c, d)
-    return parts
 
 
 @gluon.jit
@@ -453,7 +438,7 @@ def _mma_kernel(
         vws = _split_leading(vw, D // CH_V)
         updated = ()
         for c in gl.static_range(D // CH_V):
-            vals = _rows(_value_codes(vws[c], CH_V, BITS_V, CW_V, DTYPE), CH_V // G, G)
+            vals = _split_rows(_value_codes(vws[c], CH_V, BITS_V, CW_V, DTYPE), CH_V // G)
             for i in gl.static_range(CH_V // G):
                 scale = gl.convert_layout(v_scale[c * (CH_V // G) + i], gl.SliceLayout(1, OP_B), assert_trivial=True)
                 b_g = p_t * gl.expand_dims(scale, 1)  # 16-bit products, two a lane instruction

@@ -48,7 +48,7 @@ def _quantize(x, lo, hi, BITS: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def _pair_shifts(N: tl.constexpr, BITS: tl.constexpr):
-    """Bit offset of position i of a word, i < N: BITS * (i // 2) + 16 * (i % 2)."""
+    """Bit offset of position i of a packed word, i < N: BITS * (i // 2) + 16 * (i % 2)."""
     i = tl.arange(0, N)
     return BITS * (i // 2) + 16 * (i % 2)
 
@@ -94,9 +94,9 @@ def _quantize_group(
     hi = tl.max(tl.max(v, 4), 3)[:, :, :, None, None]
     codes, scale, v_min = _quantize(v, lo, hi, BITS_V, dtype)  # codes [P, 2, NGV, G / 8, 8]
     codes = tl.reshape(tl.permute(codes, (0, 4, 2, 3, 1)), [P, D // SPW, SPW, 2])
-    k = tl.arange(0, SPW)[None, None, :, None]
-    u = tl.arange(0, 2)[None, None, None, :]
-    words = tl.reduce(tl.reduce(codes << (BITS_V * k + 16 * u), 3, _bit_or), 2, _bit_or)  # [P, D / SPW]
+    slot = tl.arange(0, SPW)[None, None, :, None]
+    token = tl.arange(0, 2)[None, None, None, :]
+    words = tl.reduce(tl.reduce(codes << (BITS_V * slot + 16 * token), 3, _bit_or), 2, _bit_or)  # [P, D / SPW]
     pair_words = (bh * L + p0) * (D * BITS_V // 32) + tl.arange(0, P)[:, None] * (D // SPW)
     tl.store(V_PACKED + pair_words + tl.arange(0, D // SPW)[None, :], words)
     sc = (bh * L + p0 + tl.arange(0, G))[:, None] * NGV + tl.arange(0, NGV)[None, :]  # [G, NGV]
