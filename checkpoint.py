@@ -1,9 +1,11 @@
 """Checkpoints: resolving, validating and loading them, and importing them from a GGUF file
-or a Hugging Face Llama-family directory.
+or a Hugging Face directory.
 
-A checkpoint is a directory with config.json (ModelArgs), model.safetensors in the names
-`expected_shapes` gives, and the tokenizer files `tokenizer.load_tokenizer` reads. q/k rows
-are in the Hugging Face rotate-half layout.
+A checkpoint is either the engine's own directory: config.json (ModelArgs), model.safetensors
+in the names `expected_shapes` gives, the tokenizer files `tokenizer.load_tokenizer` reads;
+or a Hugging Face directory as it is (config.json naming a model_type of
+model.HF_MODEL_TYPES, model*.safetensors, the tokenizer), whose tensors are mapped to the
+engine's names as they are read. q/k rows are in the Hugging Face rotate-half layout.
 """
 
 import importlib.util
@@ -11,8 +13,9 @@ import json
 import pickle
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,17 +44,23 @@ class CheckpointError(ValueError):
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model's state dict, with its shape."""
     qkv = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+    norm = ("weight", "bias") if args.norm == "layer" else ("weight",)
     shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
     for i in range(args.n_layers):
         p = f"layers.{i}."
-        shapes[p + "attention_norm.weight"] = (args.dim,)
+        for name in ("attention_norm",) if args.shared_norm else ("attention_norm", "ffn_norm"):
+            shapes.update({f"{p}{name}.{x}": (args.dim,) for x in norm})
         shapes[p + "attention.wqkv.weight"] = (qkv, args.dim)
+        if args.qkv_bias:
+            shapes[p + "attention.wqkv.bias"] = (qkv,)
+        if args.qk_norm:
+            shapes[p + "attention.q_norm.weight"] = shapes[p + "attention.k_norm.weight"] = (args.head_dim,)
         shapes[p + "attention.wo.weight"] = (args.dim, args.n_heads * args.head_dim)
-        shapes[p + "ffn_norm.weight"] = (args.dim,)
-        shapes[p + "feed_forward.w13.weight"] = (2 * args.intermediate_size, args.dim)
+        shapes[p + "feed_forward.w13.weight"] = ((2 if args.mlp == "swiglu" else 1) * args.intermediate_size, args.dim)
         shapes[p + "feed_forward.w2.weight"] = (args.dim, args.intermediate_size)
-    shapes["norm.weight"] = (args.dim,)
+    shapes.update({f"norm.{x}": (args.dim,) for x in norm})
     if not args.tie_embeddings:
         shapes["output.weight"] = (args.vocab_size, args.dim)
     return shapes
@@ -63,7 +72,8 @@ def known_checkpoints() -> list[str]:
 
 def resolve_checkpoint(name_or_path: str | None) -> Path:
     """None or the default's name: the embedded model, imported from its GGUF on first use.
-    Otherwise a subdirectory of checkpoints/ by name, or a path."""
+    Otherwise a subdirectory of checkpoints/ by name, or a path: an engine checkpoint or a
+    Hugging Face directory."""
     name = name_or_path or DEFAULT_CHECKPOINT
     path = CHECKPOINTS_DIR / name
     if name == DEFAULT_CHECKPOINT and not (path / "config.json").exists():
@@ -74,17 +84,24 @@ def resolve_checkpoint(name_or_path: str | None) -> Path:
         path = Path(name).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"unknown checkpoint '{name}' (not a directory either): known are {', '.join(known_checkpoints())}")
-    _load_args(path)
-    with _reading(path / "model.safetensors"), safe_open(path / "model.safetensors", "pt"):
-        pass  # the header parses and the file is as long as it says
+    config = _read_json(path / "config.json")
+    _args(path, config)
+    for file in _weight_files(path, config):
+        with _reading(file), safe_open(file, "pt"):
+            pass  # the header parses and the file is as long as it says
     if not any((path / f).exists() for f in TOKENIZER_FILES):
         raise CheckpointError(f"checkpoint {path} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     return path
 
 
 def load_checkpoint(path: Path, device: torch.device | str, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, Tensor]]:
+    """The model args and the state dict, in the engine's names, on `device` in `dtype`."""
     path = Path(path)
-    args = _load_args(path)
+    config = _read_json(path / "config.json")
+    args = _args(path, config)
+    if _is_hf(config):
+        with _hf_tensors(_weight_files(path, config)) as hf:
+            return args, _from_hf(path, config, args, hf, lambda t: t.to(device=device, dtype=dtype))
     expected = expected_shapes(args)
     state_dict = {}
     with _reading(path / "model.safetensors"), safe_open(path / "model.safetensors", "pt") as f:
@@ -185,64 +202,113 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 def convert_hf(hf_dir: Path, out_dir: Path) -> None:
-    """A Hugging Face Llama-family directory (safetensors or .bin, sharded or not) -> checkpoint."""
+    """A Hugging Face directory (safetensors or .bin, sharded or not) -> checkpoint."""
     hf_dir = Path(hf_dir)
     config = _read_json(hf_dir / "config.json")
-    if config.get("model_type") not in ("llama", "mistral"):
-        raise CheckpointError(f"{hf_dir}: model_type {config.get('model_type')!r} is not supported (llama, mistral)")
-    try:
-        args = ModelArgs.from_hf_config(config)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{hf_dir}/config.json: {e!r}") from e
-    hf = _read_hf_weights(hf_dir)
-
-    def take(name: str) -> Tensor:
-        if name not in hf:
-            raise CheckpointError(f"{hf_dir}: missing tensor {name}")
-        return hf.pop(name)
-
-    state_dict = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-    if args.tie_embeddings:
-        hf.pop("lm_head.weight", None)
-    else:
-        state_dict["output.weight"] = take("lm_head.weight")
-    for i in range(args.n_layers):
-        h, p = f"model.layers.{i}.", f"layers.{i}."
-        attn = [take(h + f"self_attn.{x}_proj.weight") for x in "qkv"]
-        state_dict[p + "attention.wqkv.weight"] = torch.cat(attn)
-        state_dict[p + "attention.wo.weight"] = take(h + "self_attn.o_proj.weight")
-        state_dict[p + "attention_norm.weight"] = take(h + "input_layernorm.weight")
-        state_dict[p + "ffn_norm.weight"] = take(h + "post_attention_layernorm.weight")
-        state_dict[p + "feed_forward.w13.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
-        state_dict[p + "feed_forward.w2.weight"] = take(h + "mlp.down_proj.weight")
-    leftover = [n for n in hf if not n.endswith("rotary_emb.inv_freq")]
-    if leftover:
-        raise CheckpointError(f"{hf_dir}: unsupported tensor {leftover[0]} ({len(leftover)} not converted)")
-    _check_shapes(state_dict, args, hf_dir)
+    if not _is_hf(config):
+        raise CheckpointError(f"{hf_dir}/config.json names no model_type: not a Hugging Face directory")
+    args = _args(hf_dir, config)
+    files = sorted(hf_dir.glob("model*.safetensors")) or sorted(hf_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{hf_dir} has no weights (model*.safetensors or pytorch_model*.bin)")
+    with _hf_tensors(files) as hf:
+        state_dict = _from_hf(hf_dir, config, args, hf, Tensor.contiguous)
     if not any((hf_dir / f).exists() for f in TOKENIZER_FILES):
         raise CheckpointError(f"{hf_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
 
     with _staging_dir(Path(out_dir)) as tmp:
         args.save(tmp / "config.json")
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / "model.safetensors")
+        save_file(state_dict, tmp / "model.safetensors")
         for name in HF_TOKENIZER_FILES:
             if (hf_dir / name).exists():
                 shutil.copyfile(hf_dir / name, tmp / name)
 
 
-def _read_hf_weights(hf_dir: Path) -> dict[str, Tensor]:
-    weights = {}
-    if files := sorted(hf_dir.glob("model*.safetensors")):
-        for file in files:
-            with _reading(file), safe_open(file, "pt") as f:
-                weights.update({name: f.get_tensor(name) for name in f.keys()})
-    elif files := sorted(hf_dir.glob("pytorch_model*.bin")):
+@contextmanager
+def _hf_tensors(files: list[Path]) -> Iterator[dict[str, Callable[[], Tensor]]]:
+    """Name -> a function reading that tensor, over the weight files (memory-mapped)."""
+    with ExitStack() as stack:
+        readers = {}
         for file in files:
             with _reading(file):
-                weights.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-    else:
-        raise CheckpointError(f"{hf_dir} has no weights (model*.safetensors or pytorch_model*.bin)")
-    return weights
+                if file.suffix == ".safetensors":
+                    f = stack.enter_context(safe_open(file, "pt"))
+                    readers.update({name: partial(f.get_tensor, name) for name in f.keys()})
+                else:
+                    tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                    readers.update({name: partial(tensors.get, name) for name in tensors})
+        yield readers
+
+
+def _from_hf(hf_dir: Path, config: dict, args: ModelArgs, hf: dict[str, Callable[[], Tensor]],
+             convert: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """The engine's state dict from a Hugging Face model's tensors (consumed from `hf`), each
+    through `convert` as soon as it is built."""
+    def take(name: str) -> Tensor:
+        if name not in hf:
+            raise CheckpointError(f"{hf_dir}: missing tensor {name}")
+        return hf.pop(name)()
+
+    tensors = _falcon_tensors if config["model_type"] == "falcon" else _llama_tensors
+    try:
+        state_dict = {name: convert(t) for name, t in tensors(args, take)}
+    except RuntimeError as e:  # a fused tensor that does not split as the config says
+        raise CheckpointError(f"{hf_dir}: the tensors do not match config.json: {str(e).splitlines()[0]}") from e
+    if args.tie_embeddings:
+        hf.pop("lm_head.weight", None)
+    leftover = [n for n in hf if not n.endswith("rotary_emb.inv_freq")]
+    if leftover:
+        raise CheckpointError(f"{hf_dir}: unsupported tensor {leftover[0]} ({len(leftover)} not converted)")
+    _check_shapes(state_dict, args, hf_dir)
+    return state_dict
+
+
+def _llama_tensors(args: ModelArgs, take: Callable[[str], Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms)."""
+    yield "tok_embeddings.weight", take("model.embed_tokens.weight")
+    for i in range(args.n_layers):
+        h, p = f"model.layers.{i}.", f"layers.{i}."
+        yield p + "attention.wqkv.weight", torch.cat([take(h + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        if args.qkv_bias:
+            yield p + "attention.wqkv.bias", torch.cat([take(h + f"self_attn.{x}_proj.bias") for x in "qkv"])
+        if args.qk_norm:
+            yield p + "attention.q_norm.weight", take(h + "self_attn.q_norm.weight")
+            yield p + "attention.k_norm.weight", take(h + "self_attn.k_norm.weight")
+        yield p + "attention.wo.weight", take(h + "self_attn.o_proj.weight")
+        yield p + "attention_norm.weight", take(h + "input_layernorm.weight")
+        yield p + "ffn_norm.weight", take(h + "post_attention_layernorm.weight")
+        yield p + "feed_forward.w13.weight", torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
+        yield p + "feed_forward.w2.weight", take(h + "mlp.down_proj.weight")
+    yield "norm.weight", take("model.norm.weight")
+    if not args.tie_embeddings:
+        yield "output.weight", take("lm_head.weight")
+
+
+def _falcon_tensors(args: ModelArgs, take: Callable[[str], Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """Falcon: fused q/k/v rows, LayerNorms with biases."""
+    norms = {"attention_norm": "input_layernorm"} if args.shared_norm else {"attention_norm": "ln_attn", "ffn_norm": "ln_mlp"}
+    yield "tok_embeddings.weight", take("transformer.word_embeddings.weight")
+    for i in range(args.n_layers):
+        h, p = f"transformer.h.{i}.", f"layers.{i}."
+        yield p + "attention.wqkv.weight", _falcon_qkv(take(h + "self_attention.query_key_value.weight"), args)
+        yield p + "attention.wo.weight", take(h + "self_attention.dense.weight")
+        for ours, theirs in norms.items():
+            yield p + ours + ".weight", take(h + theirs + ".weight")
+            yield p + ours + ".bias", take(h + theirs + ".bias")
+        yield p + "feed_forward.w13.weight", take(h + "mlp.dense_h_to_4h.weight")
+        yield p + "feed_forward.w2.weight", take(h + "mlp.dense_4h_to_h.weight")
+    yield "norm.weight", take("transformer.ln_f.weight")
+    yield "norm.bias", take("transformer.ln_f.bias")
+    if not args.tie_embeddings:
+        yield "output.weight", take("lm_head.weight")
+
+
+def _falcon_qkv(w: Tensor, args: ModelArgs) -> Tensor:
+    """Falcon's fused rows, per KV head [its query heads, k, v] (multi-query: one group, so
+    [all q, k, v]) -> [all q heads, all k heads, all v heads]."""
+    groups = w.reshape(args.n_kv_heads, -1, args.head_dim, w.shape[-1])  # [kv_heads, heads / kv_heads + 2, D, dim]
+    q, k, v = groups.split([groups.shape[1] - 2, 1, 1], dim=1)
+    return torch.cat([x.reshape(-1, w.shape[-1]) for x in (q, k, v)])
 
 
 def _gguf_tokenizer(meta: dict):
@@ -266,12 +332,26 @@ def _gguf_tokenizer(meta: dict):
     return tokenizer
 
 
-def _load_args(path: Path) -> ModelArgs:
-    config = _read_json(path / "config.json")
+def _is_hf(config: dict) -> bool:
+    return "model_type" in config
+
+
+def _args(path: Path, config: dict) -> ModelArgs:
     try:
-        return ModelArgs(**config)
+        return ModelArgs.from_config(config)
+    except KeyError as e:
+        raise CheckpointError(f"{path}/config.json has no {e}") from e
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}/config.json is not an engine config: {e}") from e
+        raise CheckpointError(f"{path}/config.json: {e}") from e
+
+
+def _weight_files(path: Path, config: dict) -> list[Path]:
+    if not _is_hf(config):
+        return [path / "model.safetensors"]
+    if files := sorted(path.glob("model*.safetensors")):
+        return files
+    raise CheckpointError(f"{path} has no model*.safetensors (a Hugging Face directory of .bin weights loads once "
+                          f"converted: scripts/convert_hf_checkpoint.py)")
 
 
 def _read_json(file: Path) -> dict:

@@ -11,6 +11,7 @@ Sampling runs on the device; the host looks at the tokens only every `SYNC_EVERY
 """
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from planner import PREFILL_TOKENS, cache_slot_bytes, device_budget, max_batch_s
 
 SYNC_EVERY = 32
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 200, "top_p": 1.0}
 
 
 @dataclass
@@ -73,7 +75,8 @@ def setup_caches(model: Transformer, cache: CacheConfig, batch_size: int, max_se
         return
     model.cache_setup = (cache, batch_size, max_seq_len)
     a, p = model.args, model.tok_embeddings.weight
-    model.set_caches(lambda: cache.make(batch_size, a.n_kv_heads, a.head_dim, max_seq_len, p.dtype, p.device))
+    model.set_caches(lambda: cache.make(batch_size, a.n_kv_heads, a.head_dim, max_seq_len, p.dtype, p.device,
+                                        a.sliding_window))
 
 
 def prefill(model: Transformer, prompts: list[list[int]], slots: list[int], s: Sampling) -> Tensor:
@@ -178,19 +181,31 @@ def runtime(args: argparse.Namespace, kv_modes: str) -> tuple[list[CacheConfig],
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Generation options shared by generate.py and batch generation."""
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=200, help="0: off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--temperature", type=float, help="0: greedy (default: generation_config.json's, else 0.8)")
+    p.add_argument("--top-k", type=int, help="0: off (default: generation_config.json's, else 200)")
+    p.add_argument("--top-p", type=float, help="1: off (default: generation_config.json's, else 1)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (default: on for CUDA, off for CPU)")
 
 
-def sampling_from(args: argparse.Namespace) -> Sampling:
-    """The checked sampling options of add_sampling_args."""
+def load_generation_config(checkpoint_dir: Path) -> dict:
+    """The checkpoint's generation_config.json, {} where it has none."""
+    path = Path(checkpoint_dir) / "generation_config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def sampling_from(args: argparse.Namespace, generation_config: dict | None = None) -> Sampling:
+    """The checked sampling options of add_sampling_args. An option left out on the command line
+    takes generation_config's value (do_sample false: greedy), else SAMPLING_DEFAULTS'."""
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    config = generation_config or {}
+    values = {k: config[k] if config.get(k) is not None else v for k, v in SAMPLING_DEFAULTS.items()}
+    if config.get("do_sample") is False:
+        values["temperature"] = 0.0
+    values |= {k: getattr(args, k) for k in values if getattr(args, k) is not None}
+    sampling = Sampling(**values)
     sampling.check()
     return sampling
 
@@ -254,13 +269,13 @@ def main(argv: list[str] | None = None) -> None:
     from tokenizer import load_tokenizer
 
     args = parse_args(argv)
-    sampling = sampling_from(args)
     (cache,), device, dtype = runtime(args, args.kv)
     text = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else args.prompt
     if not text.strip():
         raise ValueError("the prompt is empty")
 
     path = resolve_checkpoint(args.checkpoint)
+    sampling = sampling_from(args, load_generation_config(path))
     model_args, state_dict = load_checkpoint(path, device, dtype)
     tokenizer = load_tokenizer(path)
     cache.check(model_args.head_dim)

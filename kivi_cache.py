@@ -13,6 +13,8 @@ KIVI cache, per layer and slot:
     dtype, token p at ring index p % R;
   - optionally the first S "sink" tokens also stay in a small fp buffer for good, and
     attention reads them from there.
+A cache built with a sliding window W > 0 attends each slot's last W positions only (the
+same buffers: the window is a range the kernels read, not a smaller store).
 Flush rule: when an append fills the ring (length - n_q == R), the oldest G ring tokens
 are quantized, so n_q advances by G and the ring keeps the newest R - G .. R - 1 tokens.
 n_q is therefore a function of the length alone:
@@ -65,21 +67,22 @@ class CacheConfig:
             check_kivi_config(head_dim, *bits, self.group_size, self.residual_len, self.n_sink)
 
     def make(self, max_batch: int, n_kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype,
-             device: torch.device | str) -> nn.Module:
-        """The cache of one layer."""
+             device: torch.device | str, window: int = 0) -> nn.Module:
+        """The cache of one layer; window: the model's sliding window (0: none)."""
         bits = parse_kv_mode(self.kv)
         if bits is None:
-            return StaticCache(max_batch, n_kv_heads, head_dim, max_seq_len, dtype, device)
+            return StaticCache(max_batch, n_kv_heads, head_dim, max_seq_len, dtype, device, window)
         return KiviCache(max_batch, n_kv_heads, head_dim, max_seq_len, *bits, self.group_size, self.residual_len,
-                         self.n_sink, dtype, device)
+                         self.n_sink, dtype, device, window)
 
 
 class StaticCache(nn.Module):
     """Plain cache: k_cache, v_cache [max_batch, kv_heads, max_seq_len, head_dim]."""
 
     def __init__(self, max_batch: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None):
+                 dtype: torch.dtype, device: torch.device | str | None = None, window: int = 0):
         super().__init__()
+        self.window = window
         shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device))
@@ -98,18 +101,18 @@ class StaticCache(nn.Module):
         e, c = self.empty, self.empty_codes
         return torch.ops.kivi.decode_attention(
             q, self.k_cache, self.v_cache, e, e, c, e, e, c, e, e,
-            lengths, torch.zeros_like(lengths), 2, 2, 32, q.shape[-1] ** -0.5,
+            lengths, torch.zeros_like(lengths), 2, 2, 32, q.shape[-1] ** -0.5, self.window,
         )
 
 
 class KiviCache(nn.Module):
     def __init__(self, max_batch: int, n_kv_heads: int, head_dim: int, max_seq_len: int,
                  bits_k: int, bits_v: int, group_size: int = 32, residual_len: int = 128, n_sink: int = 0,
-                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None, window: int = 0):
         super().__init__()
         check_kivi_config(head_dim, bits_k, bits_v, group_size, residual_len, n_sink)
         self.bits_k, self.bits_v, self.group_size = bits_k, bits_v, group_size
-        self.residual_len, self.n_sink = residual_len, n_sink
+        self.residual_len, self.n_sink, self.window = residual_len, n_sink, window
         G, R, B, H, D = group_size, residual_len, max_batch, n_kv_heads, head_dim
         L = -(-max_seq_len // G) * G  # whole groups
 
@@ -164,7 +167,7 @@ class KiviCache(nn.Module):
         return torch.ops.kivi.decode_attention(
             q, self.k_ring, self.v_ring, self.k_sink, self.v_sink, self.k_packed, self.k_scale, self.k_min,
             self.v_packed, self.v_scale, self.v_min, lengths, n_quantized(lengths, self.residual_len, self.group_size),
-            self.bits_k, self.bits_v, self.group_size, q.shape[-1] ** -0.5,
+            self.bits_k, self.bits_v, self.group_size, q.shape[-1] ** -0.5, self.window,
         )
 
 

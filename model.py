@@ -1,5 +1,7 @@
-"""A minimal Llama-family transformer: RMSNorm, RoPE (with Llama-3.1 scaling), SwiGLU,
-grouped-query attention, optional tied embeddings.
+"""A minimal decoder-only transformer for the Llama family and its relatives: RMSNorm or
+LayerNorm, RoPE (linear, dynamic NTK or Llama-3.1 scaling), SwiGLU or GELU MLP, grouped- and
+multi-query attention with optional q/k/v biases, per-head q/k norms and a sliding window,
+sequential (Llama, Mistral, Qwen) or parallel (Falcon) blocks, optional tied embeddings.
 
 The KV cache is a separate module each attention layer calls through two methods:
     cache.prefill(slots, k, v)          k, v [n, kv_heads, T, head_dim], positions 0..T-1
@@ -8,7 +10,7 @@ Prefill attends in full precision over the prompt itself; decode appends the new
 every slot at its own position `input_pos[b]` and attends over positions 0..input_pos[b].
 
 Weights use the Hugging Face q/k layout for RoPE (rotate-half: the two halves of each head
-are the real and imaginary parts), so HF checkpoints load as they are.
+are the real and imaginary parts), so HF checkpoints need no permutation.
 """
 
 import json
@@ -26,6 +28,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "falcon")  # what from_hf_config reads
+ROPE_TYPES = ("linear", "dynamic", "llama3")  # rope_scaling["rope_type"]; None is plain RoPE
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -36,16 +42,35 @@ class ModelArgs:
     vocab_size: int = 32000
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
-    rope_scaling: dict | None = None  # Llama-3.1: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    # {"rope_type": "linear", "factor"}, {"rope_type": "dynamic", "factor", "original_max_position_embeddings"}
+    # or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict | None = None
     max_seq_len: int = 4096  # the model's context length
     tie_embeddings: bool = False
     head_dim: int = 0  # 0: dim // n_heads
+    norm: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm with bias)
+    mlp: str = "swiglu"  # "swiglu": w2(silu(gate) * up); "gelu": w2(gelu(up))
+    parallel_block: bool = False  # attention and MLP both read the block's input, their outputs are added (Falcon)
+    shared_norm: bool = False  # parallel block: one norm feeds attention and MLP (Falcon-7B) instead of one each
+    qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
+    sliding_window: int = 0  # 0: none; else a query at position i sees the keys at i - W < j <= i
 
     def __post_init__(self):
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ROPE_TYPES:
+            raise ValueError(f"unsupported RoPE scaling {self.rope_scaling}: rope_type must be one of {', '.join(ROPE_TYPES)}")
+        if self.norm not in ("rms", "layer") or self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"unknown norm {self.norm!r} or mlp {self.mlp!r}: norm is rms or layer, mlp swiglu or gelu")
+        if self.shared_norm and not self.parallel_block:
+            raise ValueError("shared_norm needs parallel_block")
+
+    @property
+    def rope_type(self) -> str:
+        return "default" if self.rope_scaling is None else self.rope_scaling["rope_type"]
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -56,39 +81,110 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, config: dict) -> "ModelArgs":
-        """Build from a Hugging Face `config.json` of a Llama-family model (transformers 4
-        spelling `rope_theta` / `rope_scaling`, or 5's `rope_parameters`)."""
-        rope = config.get("rope_parameters")
-        if rope is not None:
-            scaling = None if rope.get("rope_type", "default") == "default" else rope
-            config = {**config, "rope_theta": rope.get("rope_theta", 10000.0), "rope_scaling": scaling}
-        rope_scaling = config.get("rope_scaling")
-        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) != "llama3":
-            raise ValueError(f"unsupported rope_scaling {rope_scaling}: only Llama-3.1 ('llama3') scaling is implemented")
-        return cls(
+        """Build from a Hugging Face `config.json` whose model_type is one of HF_MODEL_TYPES
+        (transformers 4 spelling `rope_theta` / `rope_scaling`, or 5's `rope_parameters`)."""
+        model_type = config.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} is not supported: supported are {', '.join(HF_MODEL_TYPES)}")
+        common = dict(
             dim=config["hidden_size"],
             n_layers=config["num_hidden_layers"],
             n_heads=config["num_attention_heads"],
+            vocab_size=config["vocab_size"],
+            tie_embeddings=config.get("tie_word_embeddings", model_type == "falcon"),
+            **_hf_rope(config),
+        )
+        if model_type == "falcon":
+            return cls(**common, **_falcon_args(config))
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported, only silu")
+        return cls(
+            **common,
             n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
             intermediate_size=config["intermediate_size"],
-            vocab_size=config["vocab_size"],
             norm_eps=config.get("rms_norm_eps", 1e-5),
-            rope_base=config.get("rope_theta", 10000.0),
-            rope_scaling=rope_scaling,
-            max_seq_len=config.get("max_position_embeddings", 4096),
-            tie_embeddings=config.get("tie_word_embeddings", False),
             head_dim=config.get("head_dim") or 0,
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
+            sliding_window=_hf_sliding_window(config),
         )
 
     @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        """A Hugging Face config (it names its model_type) or the engine's own."""
+        return cls.from_hf_config(config) if "model_type" in config else cls(**config)
+
+    @classmethod
     def load(cls, path: Path) -> "ModelArgs":
-        return cls(**json.loads(Path(path).read_text()))
+        return cls.from_config(json.loads(Path(path).read_text()))
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
-_LLAMA31_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+def _hf_rope(config: dict) -> dict:
+    """rope_base, rope_scaling and max_seq_len of a Hugging Face config."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    max_pos = config.get("max_position_embeddings", 2048)
+    args = dict(rope_base=rope.get("rope_theta", config.get("rope_theta", 10000.0)), rope_scaling=None, max_seq_len=max_pos)
+    if kind == "linear":
+        args["rope_scaling"] = {"rope_type": kind, "factor": rope["factor"]}
+    elif kind == "dynamic":  # the point of dynamic scaling: a context of factor times the trained one
+        args["rope_scaling"] = {"rope_type": kind, "factor": rope["factor"], "original_max_position_embeddings": max_pos}
+        args["max_seq_len"] = int(max_pos * rope["factor"])
+    elif kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        args["rope_scaling"] = {"rope_type": kind, **{k: rope[k] for k in keys}}
+    elif kind != "default":
+        raise ValueError(f"unsupported RoPE type {kind!r}: supported are default, {', '.join(ROPE_TYPES)}")
+    return args
+
+
+def _hf_sliding_window(config: dict) -> int:
+    """Mistral: its sliding_window. Qwen: only with use_sliding_window, on the layers that
+    layer_types marks, else on layers max_window_layers and up; the engine needs all or none."""
+    window = config.get("sliding_window") or 0
+    if config["model_type"] == "mistral":
+        return window
+    if config["model_type"] not in ("qwen2", "qwen3") or not config.get("use_sliding_window") or not window:
+        return 0
+    n = config["num_hidden_layers"]
+    windowed = [t == "sliding_attention" for t in config.get("layer_types") or []] or \
+               [i >= config.get("max_window_layers", 28) for i in range(n)]
+    if all(windowed):
+        return window
+    if not any(windowed):
+        return 0
+    raise ValueError(f"a sliding window on {sum(windowed)} of {n} layers is not supported, only on all or none")
+
+
+def _falcon_args(config: dict) -> dict:
+    """Falcon-7B (multi-query, one LayerNorm) and the new decoder architecture (Falcon-40B, 180B:
+    grouped KV heads, ln_attn and ln_mlp); both parallel, rotary, GELU, no linear biases."""
+    for key, supported in (("alibi", False), ("bias", False), ("parallel_attn", True), ("activation", "gelu")):
+        if config.get(key, supported) != supported:
+            raise ValueError(f"Falcon with {key}={config[key]!r} is not supported")
+    new = config.get("new_decoder_architecture", False)
+    n_heads = config["num_attention_heads"]
+    if new:
+        n_kv_heads = config.get("num_kv_heads") or n_heads
+    else:
+        n_kv_heads = 1 if config.get("multi_query", True) else n_heads
+    return dict(
+        n_kv_heads=n_kv_heads,
+        intermediate_size=config.get("ffn_hidden_size") or 4 * config["hidden_size"],
+        norm_eps=config.get("layer_norm_epsilon", 1e-5),
+        norm="layer",
+        mlp="gelu",
+        parallel_block=True,
+        shared_norm=not new or config.get("num_ln_in_parallel_attn") == 1,
+    )
+
+
+_LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}
+_FALCON = dict(vocab_size=65024, max_seq_len=2048, norm="layer", mlp="gelu", parallel_block=True, tie_embeddings=True)
 
 CONFIGS = {
     "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008),
@@ -101,25 +197,48 @@ CONFIGS = {
     "llama-3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672,
                           vocab_size=128256, rope_base=500000.0, max_seq_len=131072, rope_scaling=_LLAMA31_SCALING),
     "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
-                       max_seq_len=32768, rope_base=1000000.0),
+                       max_seq_len=32768, sliding_window=4096),
+    "qwen2.5-7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944, vocab_size=152064,
+                       norm_eps=1e-6, rope_base=1000000.0, max_seq_len=32768, qkv_bias=True),
+    "qwen3-8b": dict(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, intermediate_size=12288,
+                     vocab_size=151936, norm_eps=1e-6, rope_base=1000000.0, max_seq_len=40960, qk_norm=True),
+    "falcon-7b": dict(dim=4544, n_layers=32, n_heads=71, n_kv_heads=1, intermediate_size=18176, shared_norm=True, **_FALCON),
+    "falcon-40b": dict(dim=8192, n_layers=60, n_heads=128, n_kv_heads=8, intermediate_size=32768, **_FALCON),
     "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536, vocab_size=49152,
                          rope_base=100000.0, max_seq_len=8192, tie_embeddings=True),
 }
 
 
 def rope_frequencies(args: ModelArgs) -> Tensor:
-    """Inverse frequencies [head_dim / 2], with Llama-3.1 scaling when configured."""
+    """Inverse frequencies [head_dim / 2], with linear or Llama-3.1 scaling when configured
+    (dynamic scaling depends on the sequence length: `dynamic_frequencies`)."""
     inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
-    if args.rope_scaling is None:
-        return inv_freq.float()
-    factor = args.rope_scaling["factor"]
-    low, high = args.rope_scaling["low_freq_factor"], args.rope_scaling["high_freq_factor"]
-    old_context = args.rope_scaling["original_max_position_embeddings"]
+    if args.rope_type == "linear":
+        inv_freq = inv_freq / args.rope_scaling["factor"]
+    elif args.rope_type == "llama3":
+        inv_freq = _llama3_frequencies(inv_freq, args.rope_scaling)
+    return inv_freq.float()
+
+
+def _llama3_frequencies(inv_freq: Tensor, scaling: dict) -> Tensor:
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     smooth = (old_context / wavelen - low) / (high - low)
     scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
     mid = (wavelen <= old_context / low) & (wavelen >= old_context / high)
-    return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled).float()
+    return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+def dynamic_frequencies(args: ModelArgs, inv_freq: Tensor, seq_len: Tensor) -> Tensor:
+    """Dynamic NTK scaling: inv_freq [D/2] for sequences of seq_len [B or 1, 1] tokens ->
+    [B or 1, 1, D/2]. Past the original context the RoPE base grows to
+    base * (factor * seq_len / context - (factor - 1)) ** (D / (D - 2)); up to it, no change."""
+    factor, context = args.rope_scaling["factor"], args.rope_scaling["original_max_position_embeddings"]
+    stretch = (factor * seq_len / context - (factor - 1)).clamp(min=1)[..., None]  # [B or 1, 1, 1]
+    exponent = torch.arange(0, args.head_dim, 2, device=inv_freq.device) / (args.head_dim - 2)
+    return inv_freq * stretch ** -exponent
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -139,39 +258,66 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def make_norm(args: ModelArgs) -> nn.Module:
+    return RMSNorm(args.dim, args.norm_eps) if args.norm == "rms" else nn.LayerNorm(args.dim, args.norm_eps)
+
+
+def window_mask(T: int, window: int, device: torch.device) -> Tensor:
+    """[T, T] bool: query i sees keys i - window < j <= i."""
+    pos = torch.arange(T, device=device)
+    behind = pos[:, None] - pos[None, :]  # [T, T] how far key j lies behind query i
+    return (behind >= 0) & (behind < window)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
+        self.sliding_window = args.sliding_window
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.kv_cache: nn.Module | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, slots: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:  # decode: one new token per slot, through the cache
             y = self.kv_cache.decode(q[:, 0], k[:, 0], v[:, 0], input_pos)  # [B, heads, D]
             return self.wo(y.reshape(B, 1, q_size))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if slots is not None:
             self.kv_cache.prefill(slots, k, v)
+        mask = None
+        if 0 < self.sliding_window < T:
+            mask = window_mask(T, self.sliding_window, x.device)
+            # with a mask, grouped kv heads would take SDPA's math path (all T x T scores): expand them
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
         with sdpa_kernel(PREFILL_ATTENTION):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=k.shape[1] != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
 
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)
+        self.gated = args.mlp == "swiglu"
+        # w13: gate and up projections side by side (SwiGLU), or the up projection alone (GELU)
+        self.w13 = nn.Linear(args.dim, (2 if self.gated else 1) * args.intermediate_size, bias=False)
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.gated:
+            return self.w2(F.gelu(self.w13(x)))
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
@@ -179,13 +325,18 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.parallel = args.parallel_block
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention_norm = make_norm(args)
+        self.ffn_norm = None if args.shared_norm else make_norm(args)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, slots: Tensor | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, slots)
+        h = self.attention_norm(x)
+        attn = self.attention(h, cos, sin, input_pos, slots)
+        if self.parallel:
+            return x + attn + self.feed_forward(h if self.ffn_norm is None else self.ffn_norm(x))
+        h = x + attn
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -195,7 +346,7 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.norm = make_norm(args)
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.inv_freq = rope_frequencies(args)  # float32 whatever the model dtype: a plain attribute, .to() skips it
 
@@ -203,6 +354,15 @@ class Transformer(nn.Module):
         """Give every attention layer its own cache: `make_cache()` builds one."""
         for layer in self.layers:
             layer.attention.kv_cache = make_cache()
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [B or 1, T] -> cos, sin [B or 1, T, 1, D/2]. Dynamic scaling takes the
+        frequencies of each row's sequence up to its last position (decode: the slot's length)."""
+        inv_freq = self.inv_freq
+        if self.args.rope_type == "dynamic":
+            inv_freq = dynamic_frequencies(self.args, inv_freq, positions[:, -1:] + 1)  # [B or 1, 1, D/2]
+        angles = positions.float()[..., None] * inv_freq  # [B or 1, T, D/2]
+        return angles.cos()[:, :, None], angles.sin()[:, :, None]
 
     def forward(
         self, tokens: Tensor, input_pos: Tensor | None = None, slots: Tensor | None = None, last_only: bool = False
@@ -215,15 +375,13 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         positions = input_pos[:, None] if input_pos is not None else torch.arange(T, device=tokens.device)[None]
-        angles = positions.float()[..., None] * self.inv_freq  # [B or 1, T, D/2]
-        cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+        cos, sin = self.rope(positions)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, slots)
         x = self.norm(x[:, -1:] if last_only else x)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(x, weight).float()
-
 
 
 def build_model(args: ModelArgs, state_dict: dict[str, Tensor] | None, device: torch.device, dtype: torch.dtype) -> Transformer:

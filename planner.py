@@ -9,10 +9,12 @@ prefill (PREFILL_TOKENS tokens through one layer at a time, and the KIVI quantiz
 their keys and values in float32).
 """
 
+import math
 import os
 
 import torch
 
+from checkpoint import expected_shapes
 from kivi_cache import CacheConfig, cache_bytes
 from model import ModelArgs
 
@@ -41,10 +43,7 @@ def sequence_bytes(args: ModelArgs, cache: CacheConfig, seq_len: int, dtype: tor
 
 def weight_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
     el = torch.empty(0, dtype=dtype).element_size()
-    per_layer = (args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
-                 + args.n_heads * args.head_dim * args.dim + 3 * args.dim * args.intermediate_size + 2 * args.dim)
-    embeddings = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
-    return (args.n_layers * per_layer + embeddings + args.dim) * el
+    return sum(math.prod(shape) for shape in expected_shapes(args).values()) * el
 
 
 def workspace_bytes(args: ModelArgs, dtype: torch.dtype) -> int:

@@ -1,15 +1,18 @@
 """Tokenizers of the three kinds Llama-family checkpoints ship, behind one interface, and
-the chat formats of the families the engine runs, written out by hand.
+chat prompts rendered by the checkpoint's own Jinja chat template.
 
 `load_tokenizer` picks the kind from the files: tokenizer.model is a sentencepiece model
 (Llama-2, Mistral) or a tiktoken rank file (Llama-3: lines of base64 token and rank);
 otherwise tokenizer.json (Hugging Face tokenizers). tokenizer_config.json, where present,
-gives the BOS/EOS tokens and the chat template, whose markers choose the chat format.
+gives the special tokens and the chat template (chat_template.jinja, where present, gives
+the template instead).
 """
 
 import json
 import re
 from abc import ABC, abstractmethod
+from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
 LLAMA3_PATTERN = (
@@ -20,19 +23,30 @@ LLAMA3_SPECIAL_TOKENS = [
     "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
     "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
 ] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]  # 256 in all
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 class Tokenizer(ABC):
-    """Subclasses encode and decode plain text; this class adds BOS, special tokens and chat."""
+    """Subclasses encode and decode plain text; this class adds BOS, special tokens and chat.
 
-    def __init__(self, special: dict[str, int], bos_id: int | None, eos_ids: set[int], add_bos: bool,
-                 chat_format: str | None, default_system: str | None = None):
+    eos_ids, where generation stops: the tokenizer's EOS, those END_OF_TURN tokens that are
+    special tokens of the vocabulary, and (added by load_tokenizer) the id or list of ids of
+    generation_config.json's eos_token_id."""
+
+    def __init__(self, special: dict[str, int], bos_id: int | None, eos_id: int | None, add_bos: bool, config: dict):
         self.special = special  # special token text -> id
         self.bos_id = bos_id
-        self.eos_ids = eos_ids
+        self.eos_ids = {eos_id} - {None} | {special[t] for t in END_OF_TURN if t in special}
         self.add_bos = add_bos  # whether the model expects BOS before a prompt
-        self.chat_format = chat_format
-        self.default_system = default_system
+        self.chat_template = config.get("chat_template")
+        if isinstance(self.chat_template, list):  # several named templates: the default one
+            self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
+        # the special-token strings a template sees: tokenizer_config's, else the tokenizer's own BOS/EOS
+        names = {i: t for t, i in special.items()}
+        own = {"bos_token": names.get(bos_id), "eos_token": names.get(eos_id)}
+        self.template_tokens = {k: v for k, v in own.items() if v}
+        self.template_tokens |= {k: _content(config[k]) for k in TEMPLATE_TOKENS if config.get(k)}
         self._special_re = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")")
 
     @abstractmethod
@@ -56,16 +70,46 @@ class Tokenizer(ABC):
         return ids
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for messages of {"role": "system"|"user"|"assistant", "content": str}."""
-        if self.chat_format is None:
-            raise ValueError("this checkpoint has no chat template")
-        if self.default_system and messages and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.default_system}] + messages
-        return _CHAT[self.chat_format](messages, add_generation_prompt)
+        """The prompt text for messages of {"role": "system"|"user"|"assistant", "content": str},
+        as the checkpoint's chat template writes it (a default system prompt, BOS, turn markers)."""
+        if not self.chat_template:
+            raise ValueError("this checkpoint has no chat template (no chat_template in tokenizer_config.json, "
+                             "no chat_template.jinja)")
+        import jinja2
+
+        try:
+            return _compile(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                       **self.template_tokens)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template: {e}") from e
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of the chat prompt, ready for the assistant's reply (BOS included where due)."""
+        """Token ids of the chat prompt, ready for the assistant's reply: the rendered text with its
+        special tokens, and no BOS but the one the template writes."""
         return self.encode(self.apply_chat_template(messages), bos=False, special=True)
+
+
+@lru_cache
+def _compile(template: str):
+    """A chat template compiled in a sandbox, with the globals and filters chat templates use."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # no HTML escaping
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def _content(token: str | dict) -> str:
+    return token["content"] if isinstance(token, dict) else token
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -75,8 +119,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.sp = SentencePieceProcessor(model_file=str(model_file))
         special = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size()) if self.sp.is_control(i)}
         bos = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
-        eos = {self.sp.eos_id()} if self.sp.eos_id() >= 0 else set()
-        super().__init__(special, bos, eos, config.get("add_bos_token", True), *_chat_format(config, "llama2"))
+        eos = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        super().__init__(special, bos, eos, config.get("add_bos_token", True), config)
 
     def encode_text(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -95,8 +139,8 @@ class TiktokenTokenizer(Tokenizer):
         ranks = load_tiktoken_bpe(str(model_file))
         special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
         self.enc = tiktoken.Encoding(model_file.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
-        eos = {special[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")}
-        super().__init__(special, special["<|begin_of_text|>"], eos, config.get("add_bos_token", True), *_chat_format(config, "llama3"))
+        super().__init__(special, special["<|begin_of_text|>"], special["<|end_of_text|>"],
+                         config.get("add_bos_token", True), config)
 
     def encode_text(self, text: str) -> list[int]:
         return self.enc.encode(text, allowed_special=set(), disallowed_special=())
@@ -117,12 +161,11 @@ class HFTokenizer(Tokenizer):
         prepended = full[0] if full[: len(plain)] != plain else None
         bos = self._id(config.get("bos_token"))
         bos = prepended if bos is None else bos
-        eos = {self._id(config.get("eos_token"))} - {None}
         add_bos = config.get("add_bos_token", prepended is not None)
-        super().__init__(special, bos, eos, add_bos, *_chat_format(config, None))
+        super().__init__(special, bos, self._id(config.get("eos_token")), add_bos, config)
 
     def _id(self, token: str | dict | None) -> int | None:
-        return self.tok.token_to_id(token["content"] if isinstance(token, dict) else token) if token else None
+        return self.tok.token_to_id(_content(token)) if token else None
 
     def encode_text(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -147,82 +190,8 @@ def load_tokenizer(checkpoint_dir: Path) -> Tokenizer:
         tokenizer = HFTokenizer(checkpoint_dir / "tokenizer.json", config)
     else:
         raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {checkpoint_dir}")
-    tokenizer.eos_ids |= _extra_eos_ids(checkpoint_dir, tokenizer)
-    return tokenizer
-
-
-def _extra_eos_ids(checkpoint_dir: Path, tokenizer: Tokenizer) -> set[int]:
-    """generation_config.json may list several EOS ids; a chat format has its own end of turn."""
-    ids = set()
     generation_config = checkpoint_dir / "generation_config.json"
     if generation_config.exists():
         eos = json.loads(generation_config.read_text()).get("eos_token_id")
-        ids |= set(eos) if isinstance(eos, list) else {eos} - {None}
-    end_of_turn = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(tokenizer.chat_format)
-    if end_of_turn in tokenizer.special:
-        ids.add(tokenizer.special[end_of_turn])
-    return ids
-
-
-def _chat_format(config: dict, fallback: str | None) -> tuple[str | None, str | None]:
-    """(format, default system prompt) from the chat template's markers, else the tokenizer kind's."""
-    template = config.get("chat_template") or ""
-    if isinstance(template, list):  # several named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), "")
-    markers = [("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<<SYS>>", "llama2"), ("[INST]", "mistral")]
-    chat_format = next((f for marker, f in markers if marker in template), fallback)
-    # a ChatML template may write a fixed system prompt when the messages bring none
-    system = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<]+)<\|im_end\|>", template) if chat_format == "chatml" else None
-    return chat_format, system and system.group(1)
-
-
-def _chatml(messages: list[dict], add_generation_prompt: bool) -> str:
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-
-def _llama3(messages: list[dict], add_generation_prompt: bool) -> str:
-    text = "<|begin_of_text|>" + "".join(
-        f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in messages
-    )
-    return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
-
-
-def _llama2(messages: list[dict], add_generation_prompt: bool) -> str:
-    """Every [INST] turn opens with BOS; the system prompt goes into the first user turn."""
-    system, messages = _split_system(messages)
-    text = ""
-    for i, m in enumerate(messages):
-        content = m["content"].strip()
-        if m["role"] == "user":
-            if system is not None and i == 0:
-                content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
-            text += f"<s>[INST] {content} [/INST]"
-        else:
-            text += f" {content} </s>"
-    return text
-
-
-def _mistral(messages: list[dict], add_generation_prompt: bool) -> str:
-    """One BOS; the system prompt goes before the text of the last user turn."""
-    system, messages = _split_system(messages)
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-    text = "<s>"
-    for i, m in enumerate(messages):
-        content = m["content"].strip()
-        if m["role"] == "user":
-            if system is not None and i == last_user:
-                content = f"{system}\n\n{content}"
-            text += f"[INST] {content} [/INST]"
-        else:
-            text += f" {content}</s>"
-    return text
-
-
-def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
-    if messages and messages[0]["role"] == "system":
-        return messages[0]["content"], messages[1:]
-    return None, messages
-
-
-_CHAT = {"chatml": _chatml, "llama3": _llama3, "llama2": _llama2, "mistral": _mistral}
+        tokenizer.eos_ids |= set(eos) if isinstance(eos, list) else {eos} - {None}
+    return tokenizer

@@ -2,7 +2,8 @@
 device and torch.compile sees them as known mutations:
 
     torch.ops.kivi.decode_attention(q, k_ring, v_ring, k_sink, v_sink, k_packed, k_scale, k_min,
-        v_packed, v_scale, v_min, lengths, n_quantized, bits_k, bits_v, group_size, sm_scale) -> out
+        v_packed, v_scale, v_min, lengths, n_quantized, bits_k, bits_v, group_size, sm_scale,
+        window=0) -> out   (window > 0: each slot's last `window` positions only)
     torch.ops.kivi.flush(k_ring, v_ring, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
         lengths, bits_k, bits_v, group_size, n_sink)   mutates the packed stores
     torch.ops.kivi.append(k_ring, v_ring, k, v, input_pos)   ring[b, :, input_pos[b] % R] = k[b]
@@ -30,10 +31,11 @@ def decode_attention_op(
     q: Tensor, k_ring: Tensor, v_ring: Tensor, k_sink: Tensor, v_sink: Tensor,
     k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
     lengths: Tensor, n_quantized: Tensor, bits_k: int, bits_v: int, group_size: int, sm_scale: float,
+    window: int = 0,
 ) -> Tensor:
     return decode_attention_reference(
         q, k_ring, v_ring, k_sink, v_sink, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
-        lengths, n_quantized, bits_k, bits_v, group_size, sm_scale,
+        lengths, n_quantized, bits_k, bits_v, group_size, sm_scale, window,
     )
 
 

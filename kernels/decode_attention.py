@@ -10,7 +10,9 @@ Two ways to read the packed store, chosen in decode_attention() below:
 Grid (NUM_SPLITS, B * H): program (s, b * H + h) serves query heads h*HG .. h*HG+HG-1 of slot
 b (padded to HP >= 16 rows, a power of 2) over positions [s * SPLIT, (s + 1) * SPLIT) below
 lengths[b]; one whose split starts at or past the length exits at once, so cost follows the
-live length. A position is read from the sinks (p < S), the packed store (S <= p < n_q) or the
+live length. With a sliding window of W positions a slot attends [lo, length), lo =
+max(0, length - W), and the splits start at lo's key group instead of 0: cost follows
+min(length, W). A position is read from the sinks (p < S), the packed store (S <= p < n_q) or the
 fp ring (n_q <= p < length, index p % R), as in kernels/reference.py, with one online softmax
 over the three, and the program writes one partial result at part PART0 + s:
     o_part [B, Hq, NUM_PARTS, D] fp32 (normalized), lse_part [B, Hq, NUM_PARTS] fp32
@@ -103,7 +105,8 @@ def _store_part(O_PART, LSE_PART, hq, head_ok, part, acc, m_i, l_i, NUM_PARTS: t
 def _decode_kernel(
     Q, K_RING, V_RING, K_SINK, V_SINK, K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN,
     LENGTHS, N_QUANTIZED, O_PART, LSE_PART, stride_qb, stride_qh, qk_scale, SPLIT,
-    H: tl.constexpr, L: tl.constexpr, R: tl.constexpr, S: tl.constexpr, HG: tl.constexpr, HP: tl.constexpr,
+    H: tl.constexpr, L: tl.constexpr, R: tl.constexpr, S: tl.constexpr, W: tl.constexpr, HG: tl.constexpr,
+    HP: tl.constexpr,
     D: tl.constexpr, G: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, PACKED: tl.constexpr,
     NUM_PARTS: tl.constexpr, PART0: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -113,7 +116,8 @@ def _decode_kernel(
     b = pid_bh // H
     h = pid_bh % H
     length = tl.load(LENGTHS + b)
-    start = pid_s * SPLIT
+    lo = tl.maximum(length - W, 0)  # the window's first position (W: the window, or every position)
+    start = lo // G * G + pid_s * SPLIT
     if start >= length:
         return
     n_q = tl.load(N_QUANTIZED + b)
@@ -130,7 +134,7 @@ def _decode_kernel(
     if S > 0:
         if start < S:
             n = tl.arange(0, 16)
-            valid = (n < S) & (n < length)
+            valid = (n < S) & (n < length) & (n >= lo)
             off = bh * S * D + n[:, None] * D + d[None, :]
             k = tl.load(K_SINK + off, mask=valid[:, None], other=0.0).to(DOT)
             v = tl.load(V_SINK + off, mask=valid[:, None], other=0.0).to(DOT)
@@ -143,16 +147,17 @@ def _decode_kernel(
         VP = V_PACKED + bh * L * (D * BITS_V // 32)
         VS = V_SCALE + bh * L * (D // G)
         VM = V_MIN + bh * L * (D // G)
+        first = tl.maximum(lo, S)
         for t0 in range(start, tl.minimum(end, n_q), BLOCK_N):
             k = _packed_keys(KP, KS, KM, t0, BLOCK_N, D, G, BITS_K, DOT)
             v = _packed_values(VP, VS, VM, t0, BLOCK_N, D, G, BITS_V, DOT)
-            m_i, l_i, acc = _attend(q, k, v, t0 + tl.arange(0, BLOCK_N) >= S, m_i, l_i, acc, qk_scale)
+            m_i, l_i, acc = _attend(q, k, v, t0 + tl.arange(0, BLOCK_N) >= first, m_i, l_i, acc, qk_scale)
 
     n = tl.arange(0, BLOCK_R)
     ring_base = bh * R * D
     for p0 in range(tl.maximum(start, tl.maximum(n_q, S)), end, BLOCK_R):
         pos = p0 + n
-        valid = pos < end
+        valid = (pos < end) & (pos >= lo)
         off = ring_base + (pos % R)[:, None] * D + d[None, :]
         k = tl.load(K_RING + off, mask=valid[:, None], other=0.0).to(DOT)
         v = tl.load(V_RING + off, mask=valid[:, None], other=0.0).to(DOT)
@@ -163,12 +168,14 @@ def _decode_kernel(
 
 @triton.jit
 def _merge_kernel(O_PART, LSE_PART, OUT, LENGTHS, stride_ob, stride_oh, SPLIT, PER_SPLIT, NUM_PARTS,
-                  Hq: tl.constexpr, D: tl.constexpr, NP: tl.constexpr):
+                  Hq: tl.constexpr, D: tl.constexpr, NP: tl.constexpr, G: tl.constexpr, W: tl.constexpr):
     """One program per (slot, query head): out = sum_i 2^(lse_i - M) o_i / sum_i 2^(lse_i - M)
-    over the first min(PER_SPLIT * cdiv(length, SPLIT), NUM_PARTS) parts (the others were not
-    written); a slot of length 0 gives 0."""
+    over the first min(PER_SPLIT * cdiv(length - first, SPLIT), NUM_PARTS) parts, first the
+    window's first key group (the others were not written); a slot of length 0 gives 0."""
     pid = tl.program_id(0)
-    live = tl.minimum(PER_SPLIT * tl.cdiv(tl.load(LENGTHS + pid // Hq), SPLIT), NUM_PARTS)
+    length = tl.load(LENGTHS + pid // Hq)
+    first = tl.maximum(length - W, 0) // G * G
+    live = tl.minimum(PER_SPLIT * tl.cdiv(length - first, SPLIT), NUM_PARTS)
     i = tl.arange(0, NP)
     d = tl.arange(0, D)
     lse = tl.load(LSE_PART + pid * NUM_PARTS + i, mask=i < live, other=float("-inf"))
@@ -192,10 +199,11 @@ def decode_attention(
     q: Tensor, k_ring: Tensor, v_ring: Tensor, k_sink: Tensor, v_sink: Tensor,
     k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
     lengths: Tensor, n_quantized: Tensor, bits_k: int, bits_v: int, group_size: int, sm_scale: float,
-    num_splits: int | None = None, tensor_cores: bool | None = None,
+    window: int = 0, num_splits: int | None = None, tensor_cores: bool | None = None,
 ) -> Tensor:
     """Triton implementation of kernels.reference.decode_attention_reference (same arguments;
     cache buffers contiguous, lengths and n_quantized int32). Returns [B, Hq, D] in q's dtype.
+    window > 0: each slot attends its last `window` positions only.
     num_splits (of the packed positions) and tensor_cores (None: wherever they serve) are
     knobs for benchmarks and tests; the defaults are the measured best."""
     B, Hq, D = q.shape
@@ -206,6 +214,12 @@ def decode_attention(
         raise ValueError("cache buffers must be contiguous and q's last dim dense")
     if D not in (64, 128) or {bits_k, bits_v} - {2, 4, 8} or G not in (32, 64, 128) or G > D or S > 16:
         raise ValueError(f"unsupported shape: head_dim {D}, bits {bits_k}/{bits_v}, group {G}, sinks {S}")
+    if window < 0:
+        raise ValueError(f"sliding window {window} must be >= 0 (0: none)")
+    max_len = max(L, R)  # no slot is longer
+    # positions from the window's first key group on: at most window + G - 1 of them
+    span = min(max_len, window + G - 1) if window else max_len
+    W = window or max_len
     HG = Hq // H
     supported = L > 0 and mma_attention is not None and mma_attention.supports(q, bits_k, bits_v, HG)
     if tensor_cores and not supported:
@@ -214,15 +228,14 @@ def decode_attention(
     sms = _num_sms(q.device)
     if use_mma:
         num_splits = num_splits or mma_attention.default_splits(B * H, HG, D, sms)
-        ring_split = max(L, R)  # the sinks and the ring in one program a (slot, kv head), part 0
+        ring_split = max_len  # the sinks and the ring in one program a (slot, kv head), part 0
         parts, ring_parts = 1 + num_splits, 1
     else:
-        max_len = max(L, R)
         if num_splits is None:  # about 8 programs an SM
             num_splits = triton.cdiv(8 * sms, B * H)
-        num_splits = max(1, min(num_splits, triton.cdiv(max_len, G)))
-        split = triton.cdiv(triton.cdiv(max_len, num_splits), G) * G
-        ring_split, ring_parts = split, triton.cdiv(max_len, split)
+        num_splits = max(1, min(num_splits, triton.cdiv(span, G)))
+        split = triton.cdiv(triton.cdiv(span, num_splits), G) * G
+        ring_split, ring_parts = split, triton.cdiv(span, split)
         parts = ring_parts
     # the interpreter has no bf16 arithmetic: its dots run in fp32
     dot = torch.float32 if q.dtype == torch.float32 or (q.device.type == "cpu" and q.dtype == torch.bfloat16) else q.dtype
@@ -232,15 +245,15 @@ def decode_attention(
     _decode_kernel[(ring_parts, B * H)](
         q, k_ring, v_ring, k_sink, v_sink, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
         lengths, n_quantized, o_part, lse_part, q.stride(0), q.stride(1), qk_scale, ring_split,
-        H=H, L=L, R=R, S=S, HG=HG, HP=max(16, triton.next_power_of_2(HG)), D=D, G=G, BITS_K=bits_k, BITS_V=bits_v,
+        H=H, L=L, R=R, S=S, W=W, HG=HG, HP=max(16, triton.next_power_of_2(HG)), D=D, G=G, BITS_K=bits_k, BITS_V=bits_v,
         PACKED=L > 0 and not use_mma, NUM_PARTS=parts, PART0=0, DOT=_TL_DTYPES[dot], BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
     )
     if use_mma:
-        mma_attention.packed_attention(q, k_packed, k_scale, k_min, v_packed, v_scale, v_min, n_quantized,
-                                       o_part, lse_part, bits_k, bits_v, G, S, qk_scale, num_splits, part0=1)
+        mma_attention.packed_attention(q, k_packed, k_scale, k_min, v_packed, v_scale, v_min, lengths, n_quantized,
+                                       o_part, lse_part, bits_k, bits_v, G, S, W, qk_scale, num_splits, part0=1)
     out = torch.empty_like(q)
     # plain: the parts of the splits below the length; tensor cores: every part of a live slot
     merge_split, per_split = (ring_split, parts) if use_mma else (split, 1)
     _merge_kernel[(B * Hq,)](o_part, lse_part, out, lengths, out.stride(0), out.stride(1), merge_split, per_split,
-                             parts, Hq=Hq, D=D, NP=triton.next_power_of_2(parts))
+                             parts, Hq=Hq, D=D, NP=triton.next_power_of_2(parts), G=G, W=W)
     return out

@@ -3,8 +3,9 @@
 One warp a program. Grid (NUM_SPLITS * NUM_CHUNKS, B * H): program (s * NUM_CHUNKS + c, b * H + h)
 serves query heads c*16 .. c*16+15 of kv head h of slot b (the heads h*HG + ..., padded to HM = 16
 rows; HN = 8 or 16 of them are real columns of the value product) over split s of the slot's
-packed positions [0, n_q[b]) cut into NUM_SPLITS runs of whole T = 32 token blocks (a block
-lies in one key group: G is a multiple of T), so the work follows each slot's live length. It
+packed positions [lo, n_q[b]) cut into NUM_SPLITS runs of whole T = 32 token blocks (a block
+lies in one key group: G is a multiple of T), so the work follows each slot's live length;
+lo is 0, or with a sliding window of W positions the block of max(0, length - W). It
 writes one partial result (normalized output and log2-sum-exp, -inf when it has no tokens) at
 part PART0 + s; the sinks, the ring and the merge are kernels/decode_attention.py's.
 
@@ -16,7 +17,8 @@ fragments want them, so codes go from memory to the tensor cores with a shift an
 
   scores  S[h, t] = sum_d Qs[h, d] * code_k[d, t] + sum_d q[h, d] * k_min[g, d]
       Qs = q * k_scale[g] * 2^(KF - e(d)) (A operand, rows = query heads, per key group g),
-      codes as B [D, T]; the min term is one more MMA against k_min broadcast over 8 columns.
+      codes as B [D, T]; the min terms of 8 key groups are one MMA of q (kept in shared memory)
+      against their k_min rows as 8 columns, made once every 8 groups.
   output  o^T[c, h] = sum_t code_v[c, t] * (p * v_scale[t, gv])[t, h] + sum_t v_min[t, gv] p[t, h]
       value codes as A [G, T] per channel group gv (rows = channels), p * v_scale as B
       [T, HN]: the score accumulator's registers are the B operand's, so p never moves; the
@@ -25,7 +27,8 @@ The MMA K order of the scores is a permutation of the channels (kappa = 8j + 2 t
 channel tig * D / 4 + 2j + u): each lane's quarter of the channels is contiguous in memory.
 Softmax is lazy: the running max moves only when a block beats it by more than TAU (log2),
 so p <= 2^TAU and the accumulators are rarely rescaled; p carries 2^KV so that p * v_scale
-stays a normal float. All loads of block t0 + T are issued before block t0's math.
+stays a normal float. Blocks stream through a shared-memory ring of STAGES blocks (cp.async):
+block t0 + (STAGES - 1) * T is in flight while block t0 is computed.
 
 Layouts: every register tensor has an explicit layout (linear layouts spelled out below, or
 the mma.sync operand layouts), chosen so that the words a lane loads are, after the shift
@@ -47,11 +50,12 @@ import triton
 from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 T = gl.constexpr(32)  # tokens a block
 HM = gl.constexpr(16)  # query-head rows of the score MMA
 TAU = gl.constexpr(8.0)
+STAGES = gl.constexpr(3)  # blocks in flight in the shared-memory ring
 
 
 @gluon.constexpr_function
@@ -229,37 +233,90 @@ def _kappa_order(x, D: gl.constexpr, layout: gl.constexpr):
     return gl.convert_layout(x, layout, assert_trivial=True)
 
 
-@gluon.jit
-def _load_key_words(KP, t0, D: gl.constexpr, BITS: gl.constexpr):
-    """Words [WPT, 4, T] of tokens t0 .. t0 + T - 1: word tig * WPT + w of each token."""
-    WPT: gl.constexpr = D * BITS // 128
-    L: gl.constexpr = gl.SliceLayout(1, _key_words_layout(WPT, 16 // BITS))
-    w, tig, t = _grid3(WPT, 4, T, L)
-    return gl.load(KP + (t0 + t) * (4 * WPT) + tig * WPT + w)
+@gluon.constexpr_function
+def _key_tile_layout(D, BITS):
+    return gl.SliceLayout(1, _key_words_layout(D * BITS // 128, 16 // BITS))
+
+
+@gluon.constexpr_function
+def _value_tile_layout(D, BITS):
+    return gl.SliceLayout(1, _value_words_layout(D * BITS // 128, 16 // BITS))
+
+
+@gluon.constexpr_function
+def _ring_layout(order):
+    """The shared ring [STAGES, *tile] of one tile: no swizzle, the tile's dimensions in
+    `order` (fastest first, as in global memory, so a lane's copy is one vector), the stage
+    outermost."""
+    return gl.SwizzledSharedLayout(1, 1, 1, order)
 
 
 @gluon.jit
-def _load_value_words(VP, t0, D: gl.constexpr, BITS: gl.constexpr):
-    """Words [WPG, 8, T / 2] of the token pairs of tokens t0 ..: word (c % 8) * WPG + w of each pair."""
-    WPG: gl.constexpr = D * BITS // 128
-    L: gl.constexpr = gl.SliceLayout(1, _value_words_layout(WPG, 16 // BITS))
-    w, cls, p = _grid3(WPG, 8, T // 2, L)
-    return gl.load(VP + (t0 // 2 + p) * (8 * WPG) + cls * WPG + w)
+def _allocate_ring(D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr, BITS_V: gl.constexpr,
+                   DTYPE: gl.constexpr):
+    """STAGES blocks of every tile _copy_block fetches: key words [WPT, 4, T], k_scale [4, D / 4],
+    value words [WPG, 8, T / 2], v_scale as T * NGV / 2 words."""
+    return (gl.allocate_shared_memory(gl.int32, [STAGES, D * BITS_K // 128, 4, T], _ring_layout([0, 1, 2])),
+            gl.allocate_shared_memory(DTYPE, [STAGES, 4, D // 4], _ring_layout([1, 0])),
+            gl.allocate_shared_memory(gl.int32, [STAGES, D * BITS_V // 128, 8, T // 2], _ring_layout([0, 1, 2])),
+            gl.allocate_shared_memory(gl.int32, [STAGES, T * (D // G) // 2], _ring_layout([0])))
 
 
 @gluon.jit
-def _load_block(KP, KS, KM, VP, VS, VM, t0, D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr,
-                BITS_V: gl.constexpr):
-    """Every load of block t0, raw: key words, k_scale and k_min rows [4, D / 4], value words,
-    v_scale [T, NGV] and v_min as the [HM, T] A operand (rows = value groups)."""
+def _copy_block(ring, stage, KP, KS, VP, VS, t0, D: gl.constexpr, G: gl.constexpr,
+                BITS_K: gl.constexpr, BITS_V: gl.constexpr):
+    """Start the copies of block t0 into `stage` of the ring, one commit group. Each tile is
+    copied in the register layout _read_block reads it in. Key words: word tig * WPT + w of
+    each token; value words: word (c % 8) * WPG + w of each token pair."""
     NGV: gl.constexpr = D // G
+    WPT: gl.constexpr = D * BITS_K // 128
+    WPG: gl.constexpr = D * BITS_V // 128
+    w, tig, t = _grid3(WPT, 4, T, _key_tile_layout(D, BITS_K))
+    async_copy.async_copy_global_to_shared(ring[0].index(stage), KP + (t0 + t) * (4 * WPT) + tig * WPT + w)
     quarter, col = _grid2(4, D // 4, _quarters_layout(D))
-    qrow = t0 // G * D + quarter * (D // 4) + col
-    tok, grp = _grid2(T, NGV, _token_groups_layout(NGV))
+    async_copy.async_copy_global_to_shared(ring[1].index(stage), KS + t0 // G * D + quarter * (D // 4) + col)
+    w, cls, pair = _grid3(WPG, 8, T // 2, _value_tile_layout(D, BITS_V))
+    async_copy.async_copy_global_to_shared(ring[2].index(stage), VP + (t0 // 2 + pair) * (8 * WPG) + cls * WPG + w)
+    # v_scale's T * NGV values are contiguous: copied as words (cp.async moves 4 bytes at least)
+    word = gl.arange(0, T * NGV // 2, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    async_copy.async_copy_global_to_shared(ring[3].index(stage), (VS + t0 * NGV).to(gl.pointer_type(gl.int32)) + word)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _read_block(ring, stage, D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr, BITS_V: gl.constexpr,
+                DTYPE: gl.constexpr):
+    """The tiles of one ring stage in registers."""
+    return (ring[0].index(stage).load(_key_tile_layout(D, BITS_K)),
+            ring[1].index(stage).load(_quarters_layout(D)),
+            ring[2].index(stage).load(_value_tile_layout(D, BITS_V)),
+            ring[3].index(stage)._reinterpret(DTYPE, [T, D // G], _ring_layout([1, 0])).load(_token_groups_layout(D // G)))
+
+
+@gluon.constexpr_function
+def _group_quarters_layout(D):
+    """[8, 4, D / 4]: lane (n, tig) holds group n's channels tig * D / 4 .. in its registers
+    (16-byte loads), the B operand's map with groups as its 8 columns."""
+    lane = [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    return _linear(_bits_of(D // 4, 0, 3, 2), lane, [8, 4, D // 4])
+
+
+@gluon.jit
+def _key_min_operand(KM, g0, NG: gl.constexpr, D: gl.constexpr):
+    """k_min rows of key groups g0 .. g0 + 7 as the B operand [D, 8] (K order kappa, groups as
+    columns; groups from NG on read as zero)."""
+    g, quarter, col = _grid3(8, 4, D // 4, _group_quarters_layout(D))
+    km = gl.load(KM + (g0 + g) * D + quarter * (D // 4) + col, mask=g0 + g < NG, other=0.0)
+    km = gl.permute(gl.reshape(km, [8, 4, D // 8, 2]), (2, 1, 3, 0))  # [D / 8, 4, 2, 8]: kappa = 8j + 2 tig + u
+    return gl.convert_layout(gl.reshape(km, [D, 8]), OP_B, assert_trivial=True)
+
+
+@gluon.jit
+def _load_value_min(VM, t0, NGV: gl.constexpr):
+    """v_min of block t0 as the [HM, T] A operand (rows = value groups, the rest zero). Read
+    from global memory into registers: the padded operand has no cp.async-sized pieces."""
     vrow, vtok = _grid2(HM, T, OP_A)
-    return (_load_key_words(KP, t0, D, BITS_K), gl.load(KS + qrow), gl.load(KM + qrow),
-            _load_value_words(VP, t0, D, BITS_V), gl.load(VS + (t0 + tok) * NGV + grp),
-            gl.load(VM + (t0 + vtok) * NGV + vrow, mask=vrow < NGV, other=0.0))
+    return gl.load(VM + (t0 + vtok) * NGV + vrow, mask=vrow < NGV, other=0.0)
 
 
 @gluon.jit
@@ -335,10 +392,10 @@ def _top_rows(x, HN: gl.constexpr):
 
 @gluon.jit
 def _mma_kernel(
-    Q, K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, N_QUANTIZED, O_PART, LSE_PART,
+    Q, K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, LENGTHS, N_QUANTIZED, O_PART, LSE_PART,
     stride_qb, stride_qh, qk_scale, NUM_SPLITS,
     H: gl.constexpr, HG: gl.constexpr, HN: gl.constexpr, NUM_CHUNKS: gl.constexpr, L: gl.constexpr,
-    S: gl.constexpr, D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr, BITS_V: gl.constexpr,
+    S: gl.constexpr, W: gl.constexpr, D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr, BITS_V: gl.constexpr,
     NUM_PARTS: gl.constexpr, PART0: gl.constexpr, DTYPE: gl.constexpr,
 ):
     gl.static_assert(G % T == 0 and D % G == 0 and D // G <= 4, "a block lies in one key group")
@@ -361,8 +418,10 @@ def _mma_kernel(
     b = pid_bh // H
     h = pid_bh % H
     n_q = gl.load(N_QUANTIZED + b)
-    split_len = gl.cdiv(gl.cdiv(n_q, NUM_SPLITS), T) * T
-    start = split * split_len
+    lo = gl.maximum(gl.load(LENGTHS + b) - W, 0)  # the window's first position (W >= L: none)
+    first = gl.minimum(lo // T * T, n_q)
+    split_len = gl.cdiv(gl.cdiv(n_q - first, NUM_SPLITS), T) * T
+    start = first + split * split_len
     q_end = gl.minimum(start + split_len, n_q)
     bh = pid_bh.to(gl.int64)
 
@@ -380,7 +439,7 @@ def _mma_kernel(
     ch = kappa // 2 % 4 * (D // 4) + j * 2 + kappa % 2
     q = gl.load(Q + b * stride_qb + (h * HG + chunk * HM + r) * stride_qh + ch, mask=chunk * HM + r < HG, other=0.0)
     q_code = (q.to(gl.float32) * _pow2(KF - j % SPW_K % CW_K * BITS_K)).to(DTYPE)
-    q_min = _pad_rows(q)  # A operand of the key-min MMA
+    q_min = gl.allocate_shared_memory(DTYPE, [HM, D], gl.SwizzledSharedLayout(8, 1, 8, [1, 0]), _pad_rows(q))
 
     KP = K_PACKED + bh * L * (D * BITS_K // 32)
     KS = K_SCALE + bh * (L // G) * D
@@ -398,16 +457,29 @@ def _mma_kernel(
     WPT: gl.constexpr = D * BITS_K // 128  # key words a lane reads of a token: one chunk of the scores each
     CH_V: gl.constexpr = 128 // BITS_V if 128 // BITS_V > G else G  # a value chunk: whole words, whole groups
     spos = gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(0, SL)), 0)  # [1, T] token of a score column
-    nxt = _load_block(KP, KS, KM, VP, VS, VM, start, D, G, BITS_K, BITS_V)
-    for t0 in range(start, q_end, T):
-        kw, ks_raw, km_raw, vw, vs_raw, v_min = nxt
-        # every load of the next block is issued before this block's math (the last reloads itself)
-        nxt = _load_block(KP, KS, KM, VP, VS, VM, gl.minimum(t0 + T, q_end - T), D, G, BITS_K, BITS_V)
+    ring = _allocate_ring(D, G, BITS_K, BITS_V, DTYPE)
+    last = q_end - T  # copies past the end fetch the last block again: every iteration commits one group
+    for i in gl.static_range(STAGES - 1):
+        _copy_block(ring, i, KP, KS, VP, VS, gl.minimum(start + i * T, last), D, G, BITS_K, BITS_V)
+    v_min_next = _load_value_min(VM, start, NGV)
+    bias8 = gl.zeros([HM, 8], gl.float32, MMA)  # [heads, key groups]: q . k_min
+    bias_col = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, MMA)), 0)
+    for it in range((q_end - start) // T):
+        t0 = start + it * T
+        async_copy.wait_group(STAGES - 2)  # block t0 has landed
+        gl.thread_barrier()  # ... for every lane; and every lane is done reading the stage refilled next
+        kw, ks_raw, vw, vs_raw = _read_block(ring, it % STAGES, D, G, BITS_K, BITS_V, DTYPE)
+        v_min = v_min_next
+        v_min_next = _load_value_min(VM, gl.minimum(t0 + T, last), NGV)
+        _copy_block(ring, (it + STAGES - 1) % STAGES, KP, KS, VP, VS,
+                    gl.minimum(t0 + (STAGES - 1) * T, last), D, G, BITS_K, BITS_V)
 
         k_scale = _kappa_order(ks_raw, D, gl.SliceLayout(0, _query_layout(HN, D)))
-        k_min = _kappa_order(km_raw, D, gl.SliceLayout(1, OP_B))
-        km8 = gl.expand_dims(k_min, 1).broadcast_to([D, 8])
-        bias = mma_v2(q_min, km8, gl.zeros([HM, 8], gl.float32, MMA))  # [HM, 8], equal columns
+        g = t0 // G
+        if (it == 0) | ((g % 8 == 0) & (t0 % G == 0)):  # the key-min terms of the next 8 key groups
+            bias8 = mma_v2(q_min.load(OP_A), _key_min_operand(KM, g // 8 * 8, L // G, D), gl.zeros_like(bias8))
+        # [HM, 8]: this group's column of bias8 in every column, as _repeat_columns wants it
+        bias = gl.expand_dims(gl.sum(gl.where(bias_col == g % 8, bias8, 0.0), 1), 1) + gl.zeros_like(bias8)
         qs = _split_columns(q_code * gl.expand_dims(k_scale, 0), WPT)  # one rounding of an exact product
         kws = _split_leading(kw, WPT)
         scores = gl.zeros([HM, T], gl.float32, MMA)
@@ -415,8 +487,8 @@ def _mma_kernel(
             scores = mma_v2(_pad_rows(qs[w]), _key_codes(kws[w], D // WPT, BITS_K, CW_K, DTYPE), scores)
         bias = gl.convert_layout(_repeat_columns(_top_rows(bias, HN), T // 8), SL, assert_trivial=True)
         s = gl.convert_layout(_top_rows(scores, HN), SL, assert_trivial=True) * code_scale + bias * qk_scale
-        if S > 0:
-            s = gl.where(t0 + spos >= S, s, float("-inf"))
+        if S > 0 or W < L:  # the sinks, and positions before the window
+            s = gl.where(t0 + spos >= gl.maximum(lo, S), s, float("-inf"))
 
         m_blk = gl.max(s, 1)
         if gl.max(m_blk - m_i, 0) > TAU:
@@ -480,18 +552,19 @@ def default_splits(programs: int, heads_per_kv: int, head_dim: int, sms: int) ->
 
 
 def packed_attention(q: Tensor, k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor,
-                     v_scale: Tensor, v_min: Tensor, n_quantized: Tensor, o_part: Tensor, lse_part: Tensor,
-                     bits_k: int, bits_v: int, group_size: int, n_sink: int, qk_scale: float, num_splits: int,
-                     part0: int) -> None:
+                     v_scale: Tensor, v_min: Tensor, lengths: Tensor, n_quantized: Tensor, o_part: Tensor,
+                     lse_part: Tensor, bits_k: int, bits_v: int, group_size: int, n_sink: int, window: int,
+                     qk_scale: float, num_splits: int, part0: int) -> None:
     """Write the partials of the packed positions, parts part0 .. part0 + num_splits - 1 of
-    o_part [B, Hq, parts, D] and lse_part [B, Hq, parts] (see the top)."""
+    o_part [B, Hq, parts, D] and lse_part [B, Hq, parts] (see the top); window: the last
+    `window` positions of each slot (window >= the store's length: all)."""
     B, Hq, D = q.shape
     H, L = k_packed.shape[1], k_packed.shape[2]
     HG = Hq // H
     chunks = triton.cdiv(HG, HM)
     _mma_kernel[(num_splits * chunks, B * H)](
-        q, k_packed, k_scale, k_min, v_packed, v_scale, v_min, n_quantized, o_part, lse_part,
+        q, k_packed, k_scale, k_min, v_packed, v_scale, v_min, lengths, n_quantized, o_part, lse_part,
         q.stride(0), q.stride(1), qk_scale, num_splits,
-        H=H, HG=HG, HN=16 if HG > 8 else 8, NUM_CHUNKS=chunks, L=L, S=n_sink, D=D, G=group_size, BITS_K=bits_k,
+        H=H, HG=HG, HN=16 if HG > 8 else 8, NUM_CHUNKS=chunks, L=L, S=n_sink, W=window, D=D, G=group_size, BITS_K=bits_k,
         BITS_V=bits_v, NUM_PARTS=o_part.shape[2], PART0=part0, DTYPE=_GL_DTYPES[q.dtype], num_warps=1,
     )

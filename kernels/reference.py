@@ -85,11 +85,12 @@ def decode_attention_reference(
     q: Tensor, k_ring: Tensor, v_ring: Tensor, k_sink: Tensor, v_sink: Tensor,
     k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
     lengths: Tensor, n_quantized: Tensor, bits_k: int, bits_v: int, group_size: int, sm_scale: float,
+    window: int = 0,
 ) -> Tensor:
     """Attention of one query token per slot, q [B, Hq, D], over positions 0..lengths[b]-1
-    of slot b (sinks, dequantized store, ring), CHUNK_TOKENS positions at a time for all
-    slots together with an online softmax. Returns [B, Hq, D] in q's dtype; computed in
-    float32."""
+    of slot b (sinks, dequantized store, ring), or with window > 0 over the last `window` of
+    them, CHUNK_TOKENS positions at a time for all slots together with an online softmax.
+    Returns [B, Hq, D] in q's dtype; computed in float32."""
     B, Hq, D = q.shape
     H, R, S = k_ring.shape[1], k_ring.shape[2], k_sink.shape[2]
     G = group_size
@@ -115,13 +116,15 @@ def decode_attention_reference(
             n = min(S, c0 + chunk) - c0
             keys[:, :, :n] = k_sink[:, :, c0 : c0 + n].float()
             values[:, :, :n] = v_sink[:, :, c0 : c0 + n].float()
-        dead = (pos >= lengths)[:, None, :, None]  # [B, 1, T, 1]: past a slot's length, never read
+        dead = (pos >= lengths) | (pos < lengths - window if window else False)  # [B, T]: outside the slot
+        dead = dead[:, None, :, None]  # [B, 1, T, 1]
         keys, values = keys.masked_fill(dead, 0), values.masked_fill(dead, 0)
         scores = torch.einsum("bhrd,bhtd->bhrt", qf, keys)
         scores = scores.masked_fill(dead.transpose(2, 3), float("-inf"))
         m_new = torch.maximum(m, scores.amax(-1))
-        p = torch.exp(scores - m_new[..., None])
-        alpha = torch.exp(m - m_new)
+        m_safe = m_new.masked_fill(m_new == float("-inf"), 0)  # a slot with nothing live yet
+        p = torch.exp(scores - m_safe[..., None])
+        alpha = torch.exp(m - m_safe)
         denom = denom * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + torch.einsum("bhrt,bhtd->bhrd", p, values)
         m = m_new

@@ -34,7 +34,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from generate import (Sampling, add_runtime_args, add_sampling_args, compiled_if_asked, parse_batch_size,
-                      plan_batch_size, prefill, run_cli, runtime, sample, sampling_from, setup_caches, sync)
+                      load_generation_config, plan_batch_size, prefill, run_cli, runtime, sample, sampling_from,
+                      setup_caches, sync)
 from kivi_cache import CacheConfig
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
@@ -305,13 +306,14 @@ def main(argv: list[str] | None = None) -> None:
     from tokenizer import load_tokenizer
 
     args = parse_args(argv)
-    sampling = sampling_from(args)
+    checkpoint_dir = None if args.random_weights else resolve_checkpoint(args.checkpoint)
+    sampling = sampling_from(args, None if checkpoint_dir is None else load_generation_config(checkpoint_dir))
     (cache,), device, dtype = runtime(args, args.kv)
     with open(args.input, encoding="utf-8") as f:
         lines = f.readlines()
 
     model = load_model(args.checkpoint, args.random_weights, device, dtype)
-    tokenizer = None if args.random_weights else load_tokenizer(resolve_checkpoint(args.checkpoint))
+    tokenizer = None if checkpoint_dir is None else load_tokenizer(checkpoint_dir)
     cache.check(model.args.head_dim)
     torch.manual_seed(args.seed)
     step = compiled_if_asked(decode_step_per_slot, args, device)

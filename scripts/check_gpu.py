@@ -12,7 +12,8 @@ torch.compile(mode="reduce-overhead", fullgraph=True), across many flushes. It a
     dtype's tolerance, and every GPU token is the reference's argmax, except where the
     reference's top two logits are closer than that tolerance (near-ties, counted).
 float32 models take the plain Triton kernels, float16 ones the tensor-core path (random
-untied output layers give logits of about unit size, so the tolerances are comparable).
+untied output layers give logits of about unit size, so the tolerances are comparable); the
+windowed models decode far past their window (prompts up to 301 tokens, --steps more).
 """
 
 import argparse
@@ -29,19 +30,19 @@ from generate import Sampling, prefill, setup_caches
 from kivi_cache import CacheConfig
 from model import ModelArgs, Transformer, build_model
 
-SHAPES = {  # small models of the two head sizes the kernels serve: (args, dtype)
+SHAPES = {  # small models of the two head sizes the kernels serve, two with a sliding window: (args, dtype)
     "gqa-d64": (ModelArgs(dim=576, n_layers=4, n_heads=9, n_kv_heads=3, intermediate_size=1536, vocab_size=4096,
                           max_seq_len=4096), torch.float32),
-    "mha-d128": (ModelArgs(dim=1024, n_layers=3, n_heads=8, n_kv_heads=8, intermediate_size=2048, vocab_size=4096,
-                           max_seq_len=4096), torch.float32),
-    "gqa-32/8-d128": (ModelArgs(dim=4096, n_layers=1, n_heads=32, n_kv_heads=8, intermediate_size=2048,
-                                vocab_size=4096, max_seq_len=4096), torch.float16),
+    "mha-d128-swa": (ModelArgs(dim=1024, n_layers=3, n_heads=8, n_kv_heads=8, intermediate_size=2048,
+                               vocab_size=4096, max_seq_len=4096, sliding_window=600), torch.float32),
+    "gqa-32/8-d128-swa": (ModelArgs(dim=4096, n_layers=1, n_heads=32, n_kv_heads=8, intermediate_size=2048,
+                                    vocab_size=4096, max_seq_len=4096, sliding_window=700), torch.float16),
     "mqa-71/1-d64": (ModelArgs(dim=4544, n_layers=1, n_heads=71, n_kv_heads=1, intermediate_size=2048,
                                vocab_size=4096, max_seq_len=4096), torch.float16),
 }
 
-MODES = {"gqa-d64": (("kivi2", 0), ("k4v2", 4), ("fp16", 0)), "mha-d128": (("kivi2", 0), ("kivi4", 0)),
-         "gqa-32/8-d128": (("kivi2", 4), ("kivi4", 0)), "mqa-71/1-d64": (("kivi2", 4), ("k4v2", 0))}
+MODES = {"gqa-d64": (("kivi2", 0), ("k4v2", 4), ("fp16", 0)), "mha-d128-swa": (("kivi2", 0), ("kivi4", 0)),
+         "gqa-32/8-d128-swa": (("kivi2", 4), ("kivi4", 0), ("fp16", 0)), "mqa-71/1-d64": (("kivi2", 4), ("k4v2", 0))}
 TOLERANCE = {torch.float32: 1e-2, torch.float16: 1e-2}  # max |logit difference|; fp16 also the near-tie gap
 
 
@@ -125,7 +126,7 @@ def main() -> None:
             tie = (top2[..., 0] - top2[..., 1]) < (1e-3 if dtype == torch.float32 else tol)
             mismatch = ((gpu_logits.argmax(-1) != ref.argmax(-1)) & ~tie).sum().item()
             ok = final == warm and final["graph_breaks"] == 0 and final["cudagraph_skips"] == 0 and mismatch == 0 and err < tol
-            print(f"{shape_name:13} {mode:6} sinks {n_sink}: steps {args.steps}, max |logit diff| {err:.2e}, "
+            print(f"{shape_name:17} {mode:6} sinks {n_sink}: steps {args.steps}, max |logit diff| {err:.2e}, "
                   f"token mismatches {mismatch}, near-ties {tie.sum().item()}, counters warm {warm} final {final} "
                   f"{'OK' if ok else 'FAIL'}")
             if not ok:

@@ -1,4 +1,7 @@
-"""Convert a Hugging Face Llama-family checkpoint directory to the engine's format."""
+"""Convert a Hugging Face checkpoint directory (safetensors or .bin weights) to the engine's format.
+
+A directory of safetensors loads as it is too: converting it only makes a second copy.
+"""
 
 import argparse
 import sys

@@ -1,25 +1,29 @@
-"""Download a Hugging Face Llama-family model and convert it to an engine checkpoint."""
+"""Download a Hugging Face model into a checkpoint directory that loads as it is."""
 
 import argparse
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from huggingface_hub import snapshot_download  # noqa: E402
+from huggingface_hub import list_repo_files, snapshot_download  # noqa: E402
 
-from checkpoint import CHECKPOINTS_DIR, HF_TOKENIZER_FILES, CheckpointError, convert_hf  # noqa: E402
+from checkpoint import CHECKPOINTS_DIR, HF_TOKENIZER_FILES, CheckpointError, convert_hf, resolve_checkpoint  # noqa: E402
+
+SAFETENSORS = ["model*.safetensors", "model.safetensors.index.json"]
+BINS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
 def download(repo_id: str, out: Path, token: str | None = None) -> None:
-    """Fetches into the Hugging Face cache: safetensors weights, else .bin ones where the repo has none."""
+    """Safetensors weights, config and tokenizer straight into `out`, the Hugging Face directory
+    as it is; a repo with only .bin weights goes through the Hugging Face cache and is converted."""
     files = ["config.json", *HF_TOKENIZER_FILES]
-    safetensors = ["model*.safetensors", "model.safetensors.index.json"]
-    hf_dir = Path(snapshot_download(repo_id, token=token, allow_patterns=files + safetensors))
-    if not any(hf_dir.glob("model*.safetensors")):
-        bins = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-        hf_dir = Path(snapshot_download(repo_id, token=token, allow_patterns=files + bins))
-    convert_hf(hf_dir, out)
+    if any(fnmatch(name, SAFETENSORS[0]) for name in list_repo_files(repo_id, token=token)):
+        snapshot_download(repo_id, token=token, allow_patterns=files + SAFETENSORS, local_dir=out)
+        resolve_checkpoint(str(out))  # an unsupported model fails now, not when it is first run
+    else:
+        convert_hf(Path(snapshot_download(repo_id, token=token, allow_patterns=files + BINS)), out)
 
 
 def main(argv: list[str] | None = None) -> int:

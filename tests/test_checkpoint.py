@@ -128,7 +128,7 @@ def test_convert_hf_rejects_other_architectures(tmp_path):
     tiny_hf_model(tmp_path / "hf", tie=True, fmt="safetensors")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
-    with pytest.raises(CheckpointError, match="model_type 'gpt2'"):
+    with pytest.raises(CheckpointError, match="model_type 'gpt2' is not supported: supported are llama, mistral, qwen2, qwen3, falcon"):
         convert_hf(tmp_path / "hf", tmp_path / "out")
 
 
@@ -189,6 +189,45 @@ def test_load_checkpoint_names_first_problem(tiny_ckpt):
         load_checkpoint(tiny_ckpt, "cpu", torch.float32)
 
 
+def test_hf_directory_loads_as_it_is(tmp_path):
+    hf = tiny_hf_model(tmp_path / "hf", tie=False, fmt="safetensors")
+    args, sd = load_checkpoint(resolve_checkpoint(str(tmp_path / "hf")), "cpu", torch.float32)
+    assert (args.dim, args.n_layers, args.n_kv_heads, args.tie_embeddings) == (64, 2, 2, False)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected_shapes(args)
+    assert torch.equal(sd["output.weight"], hf["lm_head.weight"].float()) and sd["output.weight"].dtype == torch.float32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.parametrize("broken, expected", [
+    ("gpt2", "model_type 'gpt2' is not supported: supported are llama, mistral, qwen2, qwen3, falcon"),
+    ("bin", "has no model*.safetensors"),
+    ("no_key", "config.json has no 'hidden_size'"),
+    ("missing_tensor", "missing tensor model.layers.1.mlp.up_proj.weight"),
+    ("extra_tensor", "unsupported tensor model.layers.0.self_attn.o_proj.bias"),
+])
+def test_broken_hf_directory_is_one_clear_error(tmp_path, broken, expected):
+    from safetensors.torch import load_file, save_file
+
+    hf_dir = tmp_path / "hf"
+    tiny_hf_model(hf_dir, tie=True, fmt="bin" if broken == "bin" else "safetensors")
+    config = json.loads((hf_dir / "config.json").read_text())
+    if broken == "gpt2":
+        (hf_dir / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    elif broken == "no_key":
+        (hf_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "hidden_size"}))
+    elif broken in ("missing_tensor", "extra_tensor"):
+        shard = next(f for f in sorted(hf_dir.glob("model-*.safetensors")) if "model.layers.1.mlp.up_proj.weight" in load_file(f))
+        tensors = load_file(shard)
+        if broken == "missing_tensor":
+            del tensors["model.layers.1.mlp.up_proj.weight"]
+        else:
+            tensors["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
+        save_file(tensors, shard)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(resolve_checkpoint(str(hf_dir)), "cpu", torch.float32)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
 def test_convert_script(tmp_path):
     tiny_hf_model(tmp_path / "hf", tie=False, fmt="safetensors")
     script = [sys.executable, str(ROOT / "scripts" / "convert_hf_checkpoint.py")]
@@ -211,19 +250,24 @@ def test_download(tmp_path, monkeypatch, fmt):
     tiny_hf_model(tmp_path / "repo", tie=True, fmt=fmt)
     download = load_download_script()
 
-    def fake_snapshot_download(repo_id, token, allow_patterns):  # the hub, serving tmp_path/repo
+    def fake_snapshot_download(repo_id, token, allow_patterns, local_dir=None):  # the hub, serving tmp_path/repo
         assert repo_id == "org/Tiny-Llama"
-        snapshot = tmp_path / f"snapshot{len(list(tmp_path.glob('snapshot*')))}"
-        snapshot.mkdir()
+        snapshot = Path(local_dir or tmp_path / "cache" / f"snapshot{len(list(tmp_path.glob('cache/*')))}")
+        snapshot.mkdir(parents=True, exist_ok=True)
         for f in (tmp_path / "repo").iterdir():
             if any(fnmatch(f.name, p) for p in allow_patterns):
                 shutil.copy(f, snapshot)
         return str(snapshot)
 
+    monkeypatch.setattr(download, "list_repo_files", lambda repo_id, token: [f.name for f in (tmp_path / "repo").iterdir()])
     monkeypatch.setattr(download, "snapshot_download", fake_snapshot_download)
     monkeypatch.setattr(download, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
     assert download.main(["org/Tiny-Llama"]) == 0
-    load_checkpoint(resolve_checkpoint(str(tmp_path / "checkpoints" / "tiny-llama")), "cpu", torch.float32)
+    out = tmp_path / "checkpoints" / "tiny-llama"
+    load_checkpoint(resolve_checkpoint(str(out)), "cpu", torch.float32)
+    is_hf_directory = "model_type" in json.loads((out / "config.json").read_text())
+    assert is_hf_directory == (fmt == "safetensors")  # safetensors: no conversion, no second copy
+    assert (fmt == "bin") == (tmp_path / "cache").exists()
 
 
 def test_download_error_is_one_line(tmp_path):

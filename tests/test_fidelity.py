@@ -44,13 +44,17 @@ def test_embedded_model_matches_transformers_on_the_gguf(tmp_path):
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
-def test_converted_random_hf_checkpoint_matches_transformers(tmp_path, rope_scaling):
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("rope_scaling, max_positions", [
+    (None, 512), (LLAMA3, 512), ({"rope_type": "linear", "factor": 4.0}, 512), ({"rope_type": "dynamic", "factor": 4.0}, 64),
+], ids=["default", "llama3", "linear", "dynamic"])
+def test_converted_random_hf_checkpoint_matches_transformers(tmp_path, rope_scaling, max_positions):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rope_theta=50000.0, rope_scaling=rope_scaling,
+        num_key_value_heads=2, max_position_embeddings=max_positions, rope_theta=50000.0, rope_scaling=rope_scaling,
         tie_word_embeddings=False,
     )
     hf = transformers.LlamaForCausalLM(config).eval()
@@ -58,7 +62,8 @@ def test_converted_random_hf_checkpoint_matches_transformers(tmp_path, rope_scal
     (tmp_path / "hf" / "tokenizer.json").write_text(tokenizer_json())
     subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_hf_checkpoint.py"), "--hf-dir", str(tmp_path / "hf"),
                     "--out", str(tmp_path / "engine")], check=True, capture_output=True)
-    tokens = torch.randint(0, 256, (200,)).tolist()  # past original_max_position_embeddings: scaling matters
+    # past original_max_position_embeddings (llama3) and max_position_embeddings (dynamic): scaling matters
+    tokens = torch.randint(0, 256, (200,)).tolist()
     ours = engine_logits(tmp_path / "engine", tokens)
     theirs = hf_logits(hf, tokens)
     assert (ours - theirs).abs().max().item() < 1e-4

@@ -67,13 +67,13 @@ def nan_allocations(monkeypatch):
     monkeypatch.setattr(mod, "torch", Torch())
 
 
-def check_attention(lengths, H, Hq, D, L, R, S, G, bits, dtype, num_splits=None, **knobs):
+def check_attention(lengths, H, Hq, D, L, R, S, G, bits, dtype, num_splits=None, window=0, **knobs):
     bits_k, bits_v = bits
     sm_scale = D**-0.5
     ref = decode_attention_reference(*cache_state(lengths, H, Hq, D, L, R, S, G, bits_k, bits_v, dtype, 0.0),
-                                     bits_k, bits_v, G, sm_scale)
+                                     bits_k, bits_v, G, sm_scale, window)
     args = cache_state(lengths, H, Hq, D, L, R, S, G, bits_k, bits_v, dtype, float("nan"))
-    out = decode_attention(*args, bits_k, bits_v, G, sm_scale, num_splits=num_splits, **knobs)
+    out = decode_attention(*args, bits_k, bits_v, G, sm_scale, window, num_splits=num_splits, **knobs)
     assert not out.isnan().any()
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < TOL[dtype], err
@@ -101,6 +101,32 @@ def test_decode_attention(nan_allocations, H, Hq, D, G, bits, S, dtype):
 def test_decode_attention_splits(nan_allocations, num_splits):
     """Splits cut the packed store and the ring between programs; one slot ends in split 0."""
     check_attention((3, 100, 300, 511), 2, 4, 64, 512, 64, 4, 32, (2, 2), torch.float32, num_splits)
+
+
+# windows inside the ring, across sinks and packed store, mid-group; lengths below and above
+@pytest.mark.parametrize("window, S, num_splits", [(27, 4, None), (3 * 32 + 7, 4, 3), (200, 0, None), (1, 0, 2)])
+def test_decode_attention_sliding_window(nan_allocations, window, S, num_splits):
+    """A sliding window attends each slot's last `window` positions, on every split count."""
+    check_attention((1, 20, 64, 101, 300, 511), 2, 4, 64, 512, 64, S, 32, (2, 2), torch.float32, num_splits,
+                    window)
+
+
+def test_sliding_window_plain_cache(nan_allocations):
+    """On a plain cache the window is plain attention over the last `window` keys and values."""
+    B, H, Hq, D, L, window = 3, 2, 4, 64, 200, 37
+    g = torch.Generator().manual_seed(2)
+    k, v = (torch.randn(B, H, L, D, generator=g).to(DEVICE) for _ in range(2))
+    q = torch.randn(B, Hq, D, generator=g).to(DEVICE)
+    lengths = [5, 37, 190]
+    e = lambda *s, dtype=torch.float32: torch.empty(B, H, 0, *s, dtype=dtype, device=DEVICE)
+    args = (q, k, v, e(D), e(D), e(D, dtype=torch.int32), e(D), e(D), e(D // 16, dtype=torch.int32), e(D // 32),
+            e(D // 32), torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
+            torch.zeros(B, dtype=torch.int32, device=DEVICE), 2, 2, 32, D**-0.5, window)
+    for b, n in enumerate(lengths):
+        keys, values = (x[b, :, max(0, n - window) : n].repeat_interleave(Hq // H, 0) for x in (k, v))
+        want = torch.softmax(q[b, :, None] @ keys.transpose(1, 2) * D**-0.5, -1) @ values  # [Hq, 1, D]
+        for out in (decode_attention_reference(*args), decode_attention(*args)):
+            torch.testing.assert_close(out[b], want[:, 0], rtol=1e-5, atol=1e-5)
 
 
 GPU = pytest.mark.skipif(DEVICE != "cuda", reason="the tensor-core kernel needs a CUDA GPU; "
@@ -132,6 +158,16 @@ def test_decode_attention_tensor_cores(nan_allocations, H, Hq, D, G, bits, S, dt
     R = 2 * G
     lengths = (1, R - 3, R, R + G + 5, 7 * G + 13, 20 * G + 31)
     check_attention(lengths, H, Hq, D, 24 * G, R, S, G, bits, dtype, tensor_cores=True)
+
+
+@GPU
+@pytest.mark.parametrize("H, Hq, D, G, bits, S, window", [
+    (2, 8, 128, 32, (2, 2), 4, 45), (2, 8, 128, 32, (2, 2), 0, 500), (1, 71, 64, 64, (4, 2), 4, 333)])
+def test_decode_attention_tensor_cores_window(nan_allocations, H, Hq, D, G, bits, S, window):
+    """Sliding windows on the tensor-core path: inside the ring, mid-block of the store."""
+    R = 2 * G
+    lengths = (1, R - 3, R, R + G + 5, 7 * G + 13, 20 * G + 31)
+    check_attention(lengths, H, Hq, D, 24 * G, R, S, G, bits, torch.bfloat16, window=window, tensor_cores=True)
 
 
 @GPU

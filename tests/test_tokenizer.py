@@ -25,7 +25,8 @@ def smollm(smollm_dir):
 
 def test_smollm_ids(smollm):
     assert isinstance(smollm, HFTokenizer)
-    assert (smollm.bos_id, smollm.eos_ids, smollm.add_bos, smollm.chat_format) == (1, {2}, False, "chatml")
+    assert (smollm.bos_id, smollm.eos_ids, smollm.add_bos) == (1, {2}, False)
+    assert smollm.template_tokens == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -80,9 +81,9 @@ def test_hf_tokenizer_bos_from_post_processor(tmp_path):
     tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 1)])
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 2]}))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '<|start_header_id|>' }}"}))
     t = load_tokenizer(tmp_path)
-    assert (t.bos_id, t.add_bos, t.eos_ids, t.chat_format) == (1, True, {2, 3}, "llama3")
+    assert (t.bos_id, t.add_bos, t.eos_ids) == (1, True, {2, 3})  # <|eot_id|> ends a turn, 3 from generation_config
+    assert t.template_tokens == {"bos_token": "<|begin_of_text|>"}
     assert t.encode("hello world", bos=True) == [1, 4, 5]
 
 
@@ -108,7 +109,7 @@ def spm_dir(tmp_path) -> Path:
 def test_sentencepiece(spm_dir):
     t = load_tokenizer(spm_dir)
     assert isinstance(t, SentencePieceTokenizer)
-    assert (t.bos_id, t.eos_ids, t.add_bos, t.chat_format) == (1, {2}, True, "llama2")
+    assert (t.bos_id, t.eos_ids, t.add_bos, t.template_tokens) == (1, {2}, True, {"bos_token": "<s>", "eos_token": "</s>"})
     text = "hello world, the lazy fox: 42."
     ids = t.encode(text, bos=True)
     assert ids[0] == 1 and 1 not in ids[1:] and t.decode(ids) == text
@@ -116,18 +117,32 @@ def test_sentencepiece(spm_dir):
     assert 1 not in t.encode("<s>", bos=False) and t.encode("<s>", bos=False, special=True) == [1]
 
 
-def test_llama2_and_mistral_chat(spm_dir):
+LLAMA2_TEMPLATE = (  # Llama-2-chat's
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_sentencepiece_chat(spm_dir):
     messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+    with pytest.raises(ValueError, match="no chat template"):
+        load_tokenizer(spm_dir).encode_chat(messages)
+    (spm_dir / "chat_template.jinja").write_text(LLAMA2_TEMPLATE)
     t = load_tokenizer(spm_dir)
     assert t.apply_chat_template(messages) == (
         "<s>[INST] <<SYS>>\nsys\n<</SYS>>\n\nhi [/INST] hello </s><s>[INST] bye [/INST]"
     )
-    assert t.encode_chat(messages).count(1) == 2 and t.encode_chat(messages).count(2) == 1
-    (spm_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '[INST] ' }}", "add_bos_token": False}))
-    t = load_tokenizer(spm_dir)
-    assert t.chat_format == "mistral" and not t.add_bos
-    assert t.apply_chat_template(messages) == "<s>[INST] hi [/INST] hello</s>[INST] sys\n\nbye [/INST]"
+    ids = t.encode_chat(messages)
+    assert ids.count(1) == 2 and ids.count(2) == 1 and ids[0] == 1
 
 
 @pytest.fixture
@@ -142,7 +157,7 @@ def test_tiktoken(tiktoken_dir):
     t = load_tokenizer(tiktoken_dir)
     assert isinstance(t, TiktokenTokenizer)
     begin, end, eom, eot = 264, 265, 264 + 8, 264 + 9  # special tokens follow the 264 ranks
-    assert (t.bos_id, t.eos_ids, t.add_bos, t.chat_format) == (begin, {end, eom, eot}, True, "llama3")
+    assert (t.bos_id, t.eos_ids, t.add_bos) == (begin, {end, eom, eot}, True)
     assert len(t.special) == 256 and t.special["<|reserved_special_token_246|>"] == 264 + 255
     assert t.encode("hello world", bos=True) == [begin, 259, 263]
     for text in TEXTS:
@@ -150,7 +165,17 @@ def test_tiktoken(tiktoken_dir):
     assert eot not in t.encode("<|eot_id|>", bos=False) and t.encode("<|eot_id|>", bos=False, special=True) == [eot]
 
 
+LLAMA3_TEMPLATE = (  # Llama-3-Instruct's
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
 def test_llama3_chat(tiktoken_dir):
+    (tiktoken_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA3_TEMPLATE}))
     t = load_tokenizer(tiktoken_dir)
     messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hello world "}]
     text = t.apply_chat_template(messages)
