@@ -262,11 +262,18 @@ def make_norm(args: ModelArgs) -> nn.Module:
     return RMSNorm(args.dim, args.norm_eps) if args.norm == "rms" else nn.LayerNorm(args.dim, args.norm_eps)
 
 
-def window_mask(T: int, window: int, device: torch.device) -> Tensor:
-    """[T, T] bool: query i sees keys i - window < j <= i."""
-    pos = torch.arange(T, device=device)
-    behind = pos[:, None] - pos[None, :]  # [T, T] how far key j lies behind query i
-    return (behind >= 0) & (behind < window)
+def windowed_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+    """Causal attention where query i sees keys i - window < j <= i: q, k, v [B, heads, T, D]
+    (kv heads expanded). Queries go in chunks of C >= window positions, chunk [c0, c0 + C)
+    reading keys [c0 - window + 1, c0 + C), so time and memory follow T * window, not T^2."""
+    T, C = q.shape[2], max(window, 256)
+    out = []
+    for c0 in range(0, T, C):
+        c1, k0 = min(c0 + C, T), max(0, c0 - window + 1)
+        behind = torch.arange(c0, c1, device=q.device)[:, None] - torch.arange(k0, c1, device=q.device)[None]
+        mask = (behind >= 0) & (behind < window)  # [c1 - c0, c1 - k0]
+        out.append(F.scaled_dot_product_attention(q[:, :, c0:c1], k[:, :, k0:c1], v[:, :, k0:c1], attn_mask=mask))
+    return torch.cat(out, dim=2)
 
 
 class Attention(nn.Module):
@@ -296,14 +303,13 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if slots is not None:
             self.kv_cache.prefill(slots, k, v)
-        mask = None
-        if 0 < self.sliding_window < T:
-            mask = window_mask(T, self.sliding_window, x.device)
-            # with a mask, grouped kv heads would take SDPA's math path (all T x T scores): expand them
-            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
         with sdpa_kernel(PREFILL_ATTENTION):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=k.shape[1] != self.n_heads)
+            if 0 < self.sliding_window < T:
+                # with a mask, grouped kv heads would take SDPA's math path: expand them
+                k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
+                y = windowed_attention(q, k, v, self.sliding_window)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
 
 

@@ -6,7 +6,7 @@ import torch
 
 from checkpoint import convert_hf, expected_shapes, load_checkpoint, resolve_checkpoint
 from generate import CacheConfig, Sampling, generate, setup_caches
-from model import ModelArgs, Transformer, build_model
+from model import ModelArgs, Transformer, build_model, windowed_attention
 from planner import weight_bytes
 from test_checkpoint import write_tiny_tokenizer
 
@@ -115,6 +115,15 @@ def test_greedy_decode_through_kivi2_with_flushes(hf_family, name):
     for new, logits in greedy_and_full_forward(model, CacheConfig("kivi2", group_size=8, residual_len=16)):
         chosen = logits.gather(1, torch.tensor(new)[:, None])[:, 0]
         assert (logits.max(-1).values - chosen).max().item() < 1.0
+
+
+@pytest.mark.parametrize("T, window", [(600, 100), (600, 300), (100, 99)])
+def test_windowed_attention_in_chunks_equals_the_dense_mask(T, window):
+    q, k, v = torch.randn(3, 1, 2, T, 16, generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(T)
+    behind = pos[:, None] - pos[None]
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(behind >= 0) & (behind < window))
+    torch.testing.assert_close(windowed_attention(q, k, v, window), dense, rtol=1e-5, atol=1e-5)
 
 
 def test_windowed_prefill_equals_full_forward(hf_family):
