@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 
@@ -37,6 +38,8 @@ _GGUF_REQUIRED = (
     "llama.embedding_length", "llama.block_count", "llama.attention.head_count", "llama.feed_forward_length",
     "llama.attention.layer_norm_rms_epsilon", "llama.context_length", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
 )
+# Engine config.json fields that configs written before the other families lack; absent, they mean the Llama block.
+_OPTIONAL_FIELDS = ("norm", "mlp", "parallel_block", "shared_norm", "qkv_bias", "qk_norm", "sliding_window")
 
 
 class CheckpointError(ValueError):
@@ -337,6 +340,13 @@ def _is_hf(config: dict) -> bool:
 
 
 def _args(path: Path, config: dict) -> ModelArgs:
+    if not _is_hf(config):
+        missing = [f.name for f in fields(ModelArgs) if f.name not in config and f.name not in _OPTIONAL_FIELDS]
+        if missing:
+            raise CheckpointError(f"{path}/config.json has no {', '.join(missing)}")
+    for key in ("rope_scaling", "rope_parameters"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise CheckpointError(f"{path}/config.json: {key} must be an object or null, not {config[key]!r}")
     try:
         return ModelArgs.from_config(config)
     except KeyError as e:
@@ -358,9 +368,12 @@ def _read_json(file: Path) -> dict:
     if not file.exists():
         raise CheckpointError(f"missing {file}")
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {file}: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} is not a JSON object")
+    return config
 
 
 def _check_shapes(state_dict: dict[str, Tensor], args: ModelArgs, source: Path) -> None:
@@ -381,11 +394,17 @@ def _reading(file: Path) -> Iterator[None]:
 
 @contextmanager
 def _staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A temporary sibling of out_dir, renamed to it only when the block succeeds."""
+    """A temporary sibling of out_dir, renamed to it only when the block succeeds. Those left
+    by a run that was killed are removed first."""
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} already exists and is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    prefix = f".{out_dir.name}."
+    for old in out_dir.parent.iterdir():
+        # mkdtemp's suffix has no dot, so ".name.x.SUFFIX" (staging for name.x) is left alone
+        if old.name.startswith(prefix) and "." not in old.name[len(prefix):] and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private

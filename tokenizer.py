@@ -11,6 +11,8 @@ the template instead).
 import json
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -116,7 +118,8 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_file: Path, config: dict):
         from sentencepiece import SentencePieceProcessor
 
-        self.sp = SentencePieceProcessor(model_file=str(model_file))
+        with _reading(model_file):
+            self.sp = SentencePieceProcessor(model_file=str(model_file))
         special = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size()) if self.sp.is_control(i)}
         bos = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         eos = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
@@ -136,7 +139,8 @@ class TiktokenTokenizer(Tokenizer):
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
 
-        ranks = load_tiktoken_bpe(str(model_file))
+        with _reading(model_file):
+            ranks = load_tiktoken_bpe(str(model_file))
         special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
         self.enc = tiktoken.Encoding(model_file.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
         super().__init__(special, special["<|begin_of_text|>"], special["<|end_of_text|>"],
@@ -153,7 +157,8 @@ class HFTokenizer(Tokenizer):
     def __init__(self, tokenizer_file: Path, config: dict):
         from tokenizers import Tokenizer as Backend
 
-        self.tok = Backend.from_file(str(tokenizer_file))
+        with _reading(tokenizer_file):
+            self.tok = Backend.from_file(str(tokenizer_file))
         self.tok.encode_special_tokens = True  # plain text: special token names are only text
         special = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
         # BOS as the tokenizer's own post-processor adds it, unless the config says otherwise
@@ -177,7 +182,7 @@ class HFTokenizer(Tokenizer):
 def load_tokenizer(checkpoint_dir: Path) -> Tokenizer:
     checkpoint_dir = Path(checkpoint_dir)
     config_file = checkpoint_dir / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    config = _read_json(config_file) if config_file.exists() else {}
     if (checkpoint_dir / "chat_template.jinja").exists():
         config["chat_template"] = (checkpoint_dir / "chat_template.jinja").read_text()
     model_file = checkpoint_dir / "tokenizer.model"
@@ -192,6 +197,25 @@ def load_tokenizer(checkpoint_dir: Path) -> Tokenizer:
         raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {checkpoint_dir}")
     generation_config = checkpoint_dir / "generation_config.json"
     if generation_config.exists():
-        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        eos = _read_json(generation_config).get("eos_token_id")
         tokenizer.eos_ids |= set(eos) if isinstance(eos, list) else {eos} - {None}
     return tokenizer
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {file}: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} is not a JSON object")
+    return config
+
+
+@contextmanager
+def _reading(file: Path) -> Iterator[None]:
+    """A tokenizer file that does not parse: one ValueError naming it."""
+    try:
+        yield
+    except Exception as e:  # the tokenizers library raises bare Exceptions
+        raise ValueError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e

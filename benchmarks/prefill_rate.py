@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from generate import Sampling, prefill, setup_caches
+from engine import prefill, setup_caches
 from kivi_cache import CacheConfig
 from model import ModelArgs, build_model
 
@@ -32,7 +32,7 @@ gen = torch.Generator().manual_seed(0)
 def prefill_each(prompts: list[list[int]]) -> None:
     """Prefill prompt b into slot b, one forward each, and wait for the GPU."""
     for b, prompt in enumerate(prompts):
-        prefill(model, [prompt], [b], Sampling())
+        prefill(model, [prompt], [b])
     torch.cuda.synchronize()
 
 

@@ -12,25 +12,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch._dynamo.utils
 
-from generate import Sampling, decode_step, generate
+from engine import LLM
 from kivi_cache import CacheConfig
 from model import ModelArgs, build_model
 
 args = ModelArgs.from_name("llama-2-7b")
 args.n_layers = 4
 model = build_model(args, None, torch.device("cuda"), torch.bfloat16)
-compiled = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
-prompt = [list(range(1, 1025))]
+prompt = {"prompt": list(range(1, 1025))}
 for mode in ("fp16", "kivi2"):
-    for name, step in (("eager", decode_step), ("compiled", compiled)):
-        generate(model, [prompt[0][:8]], 8, Sampling(), CacheConfig(mode), step=step, max_seq_len=1280)
-        _, stats = generate(model, prompt, 128, Sampling(), CacheConfig(mode), step=step, max_seq_len=1280)
-        print(f"{mode} {name}: {1000 / stats['decode_tokens_per_s']:.2f} ms a step (4 layers)")
+    for name, compile in (("eager", False), ("compiled", True)):
+        llm = LLM.from_model(model, cache=CacheConfig(mode), batch_size=1, compile=compile)
+        llm.generate([prompt], max_new_tokens=128, temperature=0)
+        print(f"{mode} {name}: {1000 * llm.stats['decode_s'] / llm.stats['decode_steps']:.2f} ms a step (4 layers)")
 c = torch._dynamo.utils.counters
 print("frames", c["stats"]["unique_graphs"], "graph breaks", dict(c["graph_break"]),
       "cudagraph skips", c["inductor"]["cudagraph_skips"])
 
 # Where a compiled fp16 step's GPU time goes: 16 steps, kernels by total time.
+llm = LLM.from_model(model, cache=CacheConfig("fp16"), batch_size=1, compile=True)
+llm.generate([prompt], max_new_tokens=17, temperature=0)  # compiled and captured
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-    generate(model, prompt, 17, Sampling(), CacheConfig("fp16"), step=compiled, max_seq_len=1280)
+    llm.generate([prompt], max_new_tokens=17, temperature=0)
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))

@@ -25,37 +25,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from tqdm import tqdm
 
-from generate import Sampling, add_runtime_args, compiled_if_asked, decode_step, generate, run_cli, runtime
+from engine import LLM, load_model
+from generate import add_runtime_args, run_cli, runtime
 from kivi_cache import CacheConfig
-from model import CONFIGS, ModelArgs, Transformer, build_model
+from model import Transformer
 from planner import device_budget, max_batch_size, planned_bytes
 
 
-def load_model(checkpoint: str | None, random_weights: bool, device: torch.device, dtype: torch.dtype) -> Transformer:
-    if random_weights:
-        if checkpoint is None:
-            raise ValueError("--random-weights needs --checkpoint: a model shape name or a folder with config.json")
-        shape = ModelArgs.from_name(checkpoint) if checkpoint.lower() in CONFIGS else ModelArgs.load(Path(checkpoint) / "config.json")
-        torch.manual_seed(0)
-        return build_model(shape, None, device, dtype)
-    from checkpoint import load_checkpoint, resolve_checkpoint
-
-    args, state_dict = load_checkpoint(resolve_checkpoint(checkpoint), device, dtype)
-    return build_model(args, state_dict, device, dtype)
-
-
-def run_point(model: Transformer, cache: CacheConfig, batch_size: int, prompt_len: int, gen_len: int, step) -> dict:
+def run_point(model: Transformer, cache: CacheConfig, batch_size: int, prompt_len: int, gen_len: int,
+              compile: bool | None) -> dict:
+    """One static batch of random prompts, greedy, no EOS: decode tokens/s over the steps run."""
     device = model.tok_embeddings.weight.device
     prompts = torch.randint(0, model.args.vocab_size, (batch_size, prompt_len)).tolist()
-    seq_len = prompt_len + gen_len
-    # Warm-up (compilation, CUDA-graph capture) on short prompts but the same caches.
-    generate(model, [p[:8] for p in prompts], 8, Sampling(), cache, step=step, max_seq_len=seq_len)
+    llm = LLM.from_model(model, cache=cache, batch_size=batch_size, compile=compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _, stats = generate(model, prompts, gen_len, Sampling(), cache, step=step, max_seq_len=seq_len)
+    llm.generate([{"prompt": p} for p in prompts], max_new_tokens=gen_len, temperature=0)
+    stats = llm.stats
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     kv_bytes = sum(b.numel() * b.element_size() for layer in model.layers for b in layer.attention.kv_cache.buffers())
-    return {"tokens_per_s": stats["decode_tokens_per_s"], "prefill_s": stats["prefill_s"],
+    return {"tokens_per_s": batch_size * stats["decode_steps"] / stats["decode_s"], "prefill_s": stats["prefill_s"],
             "peak_memory_gb": peak / 1e9, "kv_cache_gb": kv_bytes / 1e9}
 
 
@@ -102,13 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     if any(b != "auto" and b < 1 for b in batch_sizes) or args.prompt_len < 1 or args.gen_len < 2:
         raise ValueError("batch sizes and --prompt-len must be at least 1, --gen-len at least 2")
     budget = int(args.memory_budget * 1e9) if args.memory_budget else device_budget(device)
-    model = load_model(args.checkpoint, args.random_weights, device, dtype)
+    model = load_model(args.checkpoint, device, dtype, args.random_weights)[0]
     seq_len = args.prompt_len + args.gen_len
     if seq_len > model.args.max_seq_len:
         raise ValueError(f"--prompt-len + --gen-len = {seq_len} exceeds the model's context of {model.args.max_seq_len}")
     for cache in caches:
         cache.check(model.args.head_dim)
-    step = compiled_if_asked(decode_step, args, device)
     meta = {"checkpoint": args.checkpoint, "random_weights": args.random_weights,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "dtype": str(dtype), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "budget_gb": budget / 1e9}
@@ -135,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             point = done[key] | {"auto": point["auto"] or done[key]["auto"]}
         elif point["fits"]:
             torch._dynamo.reset()
-            point.update(run_point(model, cache, point["batch_size"], args.prompt_len, args.gen_len, step))
+            point.update(run_point(model, cache, point["batch_size"], args.prompt_len, args.gen_len, args.compile))
         results.append(point)
         json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
 

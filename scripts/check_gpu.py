@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 import torch._dynamo.utils
 
-from generate import Sampling, prefill, setup_caches
+from engine import prefill, setup_caches
 from kivi_cache import CacheConfig
 from model import ModelArgs, Transformer, build_model
 
@@ -59,7 +59,7 @@ def decode_compiled(model: Transformer, cache: CacheConfig, prompts: list[list[i
     B = len(prompts)
     setup_caches(model, cache, B, max(map(len, prompts)) + steps + 1)
     tokens = torch.empty(B, steps + 1, dtype=torch.long, device="cuda")
-    tokens[:, 0] = prefill(model, prompts, list(range(B)), Sampling())
+    tokens[:, 0] = prefill(model, prompts, list(range(B))).argmax(-1)
     input_pos = torch.tensor([len(p) for p in prompts], device="cuda")
     all_logits = []
     after_warmup = None
@@ -78,7 +78,7 @@ def reference_logits(model: Transformer, cache: CacheConfig, prompts: list[list[
     """Teacher-forced eager decode of the same tokens on the CPU reference path."""
     B, n = tokens.shape
     setup_caches(model, cache, B, max(map(len, prompts)) + n)
-    prefill(model, prompts, list(range(B)), Sampling())
+    prefill(model, prompts, list(range(B)))
     input_pos = torch.tensor([len(p) for p in prompts])
     out = []
     for i in range(n - 1):

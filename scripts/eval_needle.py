@@ -21,10 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, resolve_checkpoint
-from generate import Sampling, add_runtime_args, generate, run_cli, runtime
-from model import build_model
-from tokenizer import Tokenizer, load_tokenizer
+from engine import LLM, load_model
+from generate import add_runtime_args, run_cli, runtime
+from tokenizer import Tokenizer
 
 NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
 NEEDLE_QUESTION = ("\n\nQuestion: What is the best thing to do in San Francisco?\n"
@@ -111,15 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     if not files:
         raise ValueError(f"no filler essays in {args.essays}: run scripts/fetch_data.py first")
     caches, device, dtype = runtime(args, args.kv)
-    path = resolve_checkpoint(args.checkpoint)
-    model_args, state_dict = load_checkpoint(path, device, dtype)
-    if max(lengths) + args.max_new_tokens > model_args.max_seq_len:
+    model, tokenizer, _ = load_model(args.checkpoint, device, dtype)
+    if max(lengths) + args.max_new_tokens > model.args.max_seq_len:
         raise ValueError(f"--lengths up to {max(lengths)} + {args.max_new_tokens} new tokens exceed the model's "
-                         f"context of {model_args.max_seq_len}")
+                         f"context of {model.args.max_seq_len}")
     for cache in caches:
-        cache.check(model_args.head_dim)
-    tokenizer = load_tokenizer(path)
-    model = build_model(model_args, state_dict, device, dtype)
+        cache.check(model.args.head_dim)
     cases = build_cases(tokenizer, "\n\n".join(f.read_text(encoding="utf-8") for f in files), lengths, depths, args.seed)
 
     records = []
@@ -127,9 +123,11 @@ def main(argv: list[str] | None = None) -> None:
         for cache in caches:
             for length in lengths:
                 batch = [c for c in cases if c["length"] == length]
-                outputs, _ = generate(model, [c["ids"] for c in batch], args.max_new_tokens, Sampling(), cache)
-                for case, new in zip(batch, outputs):
-                    text = tokenizer.decode(new)
+                llm = LLM.from_model(model, tokenizer, cache, batch_size=len(batch))
+                completions = llm.generate([{"prompt": c["ids"]} for c in batch], max_new_tokens=args.max_new_tokens,
+                                           temperature=0)
+                for case, completion in zip(batch, completions):
+                    text = completion.text
                     correct = any(a in text.lower() for a in case["answer"])
                     records.append({"kv": cache.kv, "task": case["task"], "length": length, "depth": case["depth"],
                                     "correct": int(correct), "answer": text})

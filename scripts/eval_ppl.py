@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, resolve_checkpoint
-from generate import add_runtime_args, run_cli, runtime, setup_caches
+from engine import setup_caches
+from generate import add_runtime_args, run_cli, runtime
 from kivi_cache import CacheConfig
 from model import Transformer, build_model
 from tokenizer import load_tokenizer
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.tokens < 2 or args.docs < 1:
         raise ValueError("--tokens must be at least 2 and --docs at least 1")
+    if args.json and not args.json.parent.is_dir():
+        raise ValueError(f"--json {args.json}: there is no folder {args.json.parent}")
     caches, device, dtype = runtime(args, args.kv)
     path = resolve_checkpoint(args.checkpoint)
     model_args, state_dict = load_checkpoint(path, device, dtype)

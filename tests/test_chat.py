@@ -8,7 +8,8 @@ import pytest
 
 import generate
 from checkpoint import resolve_checkpoint
-from generate import Sampling, load_generation_config, sampling_from
+from engine import LLM, SamplingParams, load_generation_config
+from generate import sampling_from
 from tokenizer import load_tokenizer
 
 CHATML = """{% for message in messages %}
@@ -153,33 +154,29 @@ def test_no_template_is_one_clear_error(tokenizer_json, tmp_path):
 
 
 @pytest.mark.parametrize("config, argv, expected", [
-    ({}, [], Sampling(0.8, 200, 1.0)),
-    ({"do_sample": True, "temperature": 0.6, "top_p": 0.9}, [], Sampling(0.6, 200, 0.9)),
+    ({}, [], (0.8, 200, 1.0)),
+    ({"do_sample": True, "temperature": 0.6, "top_p": 0.9}, [], (0.6, 200, 0.9)),
     ({"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.9}, ["--temperature", "1", "--top-k", "0"],
-     Sampling(1.0, 0, 0.9)),
-    ({"do_sample": False, "temperature": 0.6}, [], Sampling(0.0, 200, 1.0)),
-    ({"do_sample": False}, ["--temperature", "0.7"], Sampling(0.7, 200, 1.0)),
-    ({"temperature": None, "top_k": 5}, ["--top-p", "0.5"], Sampling(0.8, 5, 0.5)),
+     (1.0, 0, 0.9)),
+    ({"do_sample": False, "temperature": 0.6}, [], (0.0, 200, 1.0)),
+    ({"do_sample": False}, ["--temperature", "0.7"], (0.7, 200, 1.0)),
+    ({"temperature": None, "top_k": 5}, ["--top-p", "0.5"], (0.8, 5, 0.5)),
 ])
 def test_generation_config_gives_sampling_defaults(config, argv, expected):
-    assert sampling_from(generate.parse_args(argv), config) == expected
+    p = SamplingParams.from_generation_config(config).update(sampling_from(generate.parse_args(argv)))
+    assert (p.temperature, p.top_k, p.top_p) == expected
 
 
-def test_generate_uses_generation_config(tmp_path, monkeypatch, capsys):
+def test_generate_uses_generation_config(tmp_path, capsys):
     embedded = resolve_checkpoint(None)
     for f in embedded.iterdir():
         (tmp_path / f.name).symlink_to(f)
     (tmp_path / "generation_config.json").write_text(json.dumps(
         {"do_sample": True, "temperature": 0.5, "top_k": 7, "top_p": 0.9, "eos_token_id": [2, 5]}))
     assert load_generation_config(tmp_path)["top_k"] == 7 and load_generation_config(embedded) == {}
-    seen = {}
-
-    def fake_generate(model, prompts, max_new_tokens, sampling, cache, eos_ids, step):
-        seen.update(sampling=sampling, eos_ids=eos_ids)
-        return [[]] * len(prompts), {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_tokens_per_s": 0.0}
-
-    monkeypatch.setattr(generate, "generate", fake_generate)
+    llm = LLM(str(tmp_path), kv="fp16", device="cpu")
+    assert (llm.defaults.temperature, llm.defaults.top_k, llm.defaults.top_p) == (0.5, 7, 0.9)
+    assert {2, 5} <= llm.eos_ids
     capsys.readouterr()  # a first import of the embedded model says so
-    generate.main(["--checkpoint", str(tmp_path), "--device", "cpu", "--prompt", "Hi", "--top-k", "3"])
-    assert seen == {"sampling": Sampling(0.5, 3, 0.9), "eos_ids": {2, 5}}
-    assert capsys.readouterr().out == "Hi\n"
+    generate.main(["--checkpoint", str(tmp_path), "--device", "cpu", "--prompt", "Hi", "--max-new-tokens", "3"])
+    assert capsys.readouterr().out.startswith("Hi")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from checkpoint import convert_hf, expected_shapes, load_checkpoint, resolve_checkpoint
-from generate import CacheConfig, Sampling, generate, setup_caches
+from engine import LLM, setup_caches
+from kivi_cache import CacheConfig
 from model import ModelArgs, Transformer, build_model, windowed_attention
 from planner import weight_bytes
 from test_checkpoint import write_tiny_tokenizer
@@ -92,8 +93,8 @@ PROMPTS = [[7, 1, 99, 42, 5], [3, 250, 17, 64, 8, 120, 33, 2, 91, 11, 200, 5, 6,
 
 def greedy_and_full_forward(model, cache: CacheConfig) -> list[tuple[list[int], torch.Tensor]]:
     """(16 greedy tokens of each prompt through `cache`, the full forward's logits that chose them)."""
-    outputs, _ = generate(model, PROMPTS, 16, Sampling(), cache)
-    return [(new, full_forward(model, prompt + new)[len(prompt) - 1 : -1]) for prompt, new in zip(PROMPTS, outputs)]
+    out = LLM.from_model(model, cache=cache).generate([{"prompt": p} for p in PROMPTS], max_new_tokens=16, temperature=0)
+    return [(c.token_ids, full_forward(model, prompt + c.token_ids)[len(prompt) - 1 : -1]) for prompt, c in zip(PROMPTS, out)]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -13,7 +13,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import kernels.reference as reference
-from generate import Sampling, generate, sample
+from engine import LLM, sample
 from kernels.reference import CHUNK_TOKENS
 from kivi_cache import (
     CacheConfig,
@@ -444,13 +444,15 @@ def test_sequence_logits_do_not_depend_on_the_rest_of_the_batch(kv, n_sink):
     def run(batch):
         logits = []
 
-        def step(m, tokens, input_pos, s):
+        def step(m, tokens, input_pos, temperature, top_k, top_p, seed, mode):
             out = m(tokens, input_pos=input_pos)[:, -1]
             logits.append(out.clone())
-            return sample(out, s)
+            return sample(out, temperature, top_k, top_p, seed, input_pos, mode)
 
-        tokens, _ = generate(model, batch, new, Sampling(), cfg, step=step)
-        return tokens, torch.stack(logits, 1)
+        llm = LLM.from_model(model, cache=cfg, batch_size=len(batch))
+        llm.step = step
+        out = llm.generate([{"prompt": p} for p in batch], max_new_tokens=new, temperature=0)
+        return [c.token_ids for c in out], torch.stack(logits, 1)
 
     batch_tokens, batch_logits = run(prompts)
     for i, p in enumerate(prompts):

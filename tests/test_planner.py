@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from generate import setup_caches
+from engine import setup_caches
 from kivi_cache import CacheConfig
 from model import ModelArgs, build_model
 from planner import cache_slot_bytes, max_batch_size, planned_bytes, sequence_bytes, weight_bytes
