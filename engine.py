@@ -183,8 +183,10 @@ def uniform_noise(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
     """seed, position [B] int64 -> [B, vocab_size] uniform in (0, 1), a function of (seed,
     position, token id) only: counter-based, no generator state."""
     row = _hash32(_hash32(_hash32(seed & 0xFFFFFFFF) ^ (seed >> 32)) ^ (position & 0xFFFFFFFF))  # [B]
+    # the token index only meets int64 tensors in bitwise ops: Inductor computes index
+    # arithmetic (an arange times a constant) in int32 on CUDA
     token = torch.arange(vocab_size, device=seed.device)
-    bits = _hash32((row[:, None] + token * 0x9E3779B1) & 0xFFFFFFFF)  # [B, V]
+    bits = _hash32(_hash32(row[:, None] ^ token))  # [B, V]
     return ((bits >> 8).float() + 0.5) * 2.0**-24
 
 
@@ -207,20 +209,26 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, se
            mode: str) -> tuple[Tensor, Tensor]:
     """logits [B, V] float32 and per-row parameters [B] -> (tokens [B], the model's
     log-probability of each [B]), without a host sync. temperature 0: greedy. Sampling is
-    the Gumbel-max race argmax(logits / T + g) with g from uniform_noise; mode "none" (no row
-    filters), "top_k" or "sort" (_filter)."""
+    the Gumbel-max race argmax(logits / T + g) with g from uniform_noise; mode "greedy" (no
+    row samples), "none" (no row filters), "top_k" or "sort" (_filter)."""
+    logprobs = logits.log_softmax(-1)
+    if mode == "greedy":
+        tokens = logits.argmax(-1)
+        return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
     hot = temperature > 0
     x = logits / torch.where(hot, temperature, 1.0)[:, None]
     if mode != "none":
         x = _filter(x, top_k, top_p, mode)
     gumbel = -torch.log(-torch.log(uniform_noise(seed, position, logits.shape[-1])))
     tokens = torch.where(hot, (x + gumbel).argmax(-1), logits.argmax(-1))
-    return tokens, logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
 
 
 def filter_mode(params: list[SamplingParams]) -> str:
-    """The cheapest _filter mode serving every row's parameters (greedy rows need none)."""
+    """The cheapest sample() mode serving every row's parameters (greedy rows need none)."""
     hot = [p for p in params if p.temperature > 0]
+    if not hot:
+        return "greedy"
     if any(p.top_p < 1 or p.top_k > TOP_K_CAP for p in hot):
         return "sort"
     return "top_k" if any(p.top_k > 0 for p in hot) else "none"

@@ -148,12 +148,14 @@ def test_bad_lines_get_one_error_record_each_and_the_run_goes_on(tiny_model, tmp
              '{"id": "bad max", "prompt": "hi", "max_new_tokens": 0}',
              '{"id": "bad stop", "prompt": "hi", "stop": [""]}',
              '{"id": "odd", "prompt": "hi", "colour": "red"}',
+             '{"id": "hot", "prompt": "hi", "temperature": Infinity}',
              "",
              '{"id": 2, "prompt": "bye"}']
     expected = {2: (None, "Expecting"), 3: (None, "JSON object"), 4: (None, "missing id"),
                 5: ("no prompt", "exactly one of"), 6: ("number", "must be a string"), 7: ("ok", "duplicate"),
                 8: ("empty", "empty"), 9: ("long", "context"), 10: ("bad max", "max_new_tokens"),
-                11: ("bad stop", "stop"), 12: ("odd", "unknown field 'colour'")}
+                11: ("bad stop", "stop"), 12: ("odd", "unknown field 'colour'"),
+                13: ("hot", "temperature")}
     out = tmp_path / "out.jsonl"
     stats = run(tiny_model, CharTokenizer(), lines, out)
     assert (stats["prompts"], stats["errors"]) == (2, len(expected))

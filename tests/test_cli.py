@@ -46,6 +46,10 @@ def test_empty_prompt_exits_with_one_line():
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--max-new-tokens", "9000"], "exceeds the model's context of 8192"),
     (["--batch-size", "100000000"], "does not fit"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--kv", "kivi2,kivi4"], "runs one cache mode"),
+    (["--seed", str(2**70)], "--seed must be in"),
 ])
 def test_bad_values_raise_clear_errors_before_generating(argv, message, capsys):
     with pytest.raises(ValueError, match=message):
@@ -81,3 +85,12 @@ def test_generates_text_on_the_embedded_model():
     assert r.stdout.startswith("The capital of France is")
     assert len(r.stdout) > len("The capital of France is") + 5
     assert "decode:" in r.stderr and "kv cache (kivi2)" in r.stderr
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        generate.run_cli(interrupted)
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"

@@ -79,6 +79,7 @@ def test_sample_greedy_rows_and_degenerate_filters_pick_the_argmax():
     zeros, ones, seed, pos = torch.zeros(5), torch.ones(5), torch.arange(5), torch.arange(5) + 3
     k0 = torch.zeros(5, dtype=torch.long)
     assert torch.equal(sample(logits, zeros, k0, ones, seed, pos, "none")[0], best)
+    assert torch.equal(sample(logits, zeros, k0, ones, seed, pos, "greedy")[0], best)
     assert torch.equal(sample(logits, ones * 3, k0 + 1, ones, seed, pos, "top_k")[0], best)
     assert torch.equal(sample(logits, ones * 3, k0, ones * 1e-6, seed, pos, "sort")[0], best)
     tokens, logprobs = sample(logits, ones, k0, ones, seed, pos, "none")
@@ -125,7 +126,8 @@ def test_n_choices_differ_and_come_in_order(tiny_model):
 
 def test_filter_mode_is_the_cheapest_that_serves_every_row():
     p = SamplingParams()
-    assert filter_mode([p.update({"temperature": 0, "top_p": 0.5})]) == "none"
+    assert filter_mode([p.update({"temperature": 0, "top_p": 0.5})]) == "greedy"
+    assert filter_mode([p.update({"top_k": 0}), p.update({"temperature": 0})]) == "none"
     assert filter_mode([p, p.update({"top_k": 0})]) == "top_k"
     assert filter_mode([p, p.update({"top_p": 0.9})]) == filter_mode([p.update({"top_k": 1000})]) == "sort"
 
