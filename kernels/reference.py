@@ -12,6 +12,7 @@ p < n_q, else from the ring. The plain fp cache is the case n_q == 0 with R = L.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from quantize_kv import dequantize_keys, dequantize_values, quantize_keys, quantize_values
@@ -39,13 +40,16 @@ def flush_reference(
     append (length >= R and (length - R) % G == 0): tokens [length - R, length - R + G).
 
     Branch-free over slots: every slot's candidate group is quantized, and written back only
-    where the predicate holds (elsewhere the stored values are rewritten unchanged).
+    where the predicate holds (elsewhere the stored values are rewritten unchanged); a step
+    where no slot is due returns at once (a host check: on the CPU it costs nothing).
     """
     B, H, R, D = k_ring.shape
     G = group_size
     lengths = lengths.long()
     start = (lengths - R).clamp(min=0) // G * G  # [B]
     due = (lengths >= R) & ((lengths - R) % G == 0)  # [B]
+    if not bool(due.any()):
+        return
     ring_idx = ((start[:, None] + torch.arange(G, device=k_ring.device)) % R)[:, None, :, None]  # [B, 1, G, 1]
     k = k_ring.gather(2, ring_idx.expand(B, H, G, D))  # [B, H, G, D]
     v = v_ring.gather(2, ring_idx.expand(B, H, G, D))
@@ -89,36 +93,28 @@ def decode_attention_reference(
 ) -> Tensor:
     """Attention of one query token per slot, q [B, Hq, D], over positions 0..lengths[b]-1
     of slot b (sinks, dequantized store, ring), or with window > 0 over the last `window` of
-    them, CHUNK_TOKENS positions at a time for all slots together with an online softmax.
-    Returns [B, Hq, D] in q's dtype; computed in float32."""
+    them, for all slots together: one masked attention when the longest slot fits in
+    CHUNK_TOKENS, else chunk by chunk with an online softmax. Returns [B, Hq, D] in q's dtype;
+    computed in float32."""
     B, Hq, D = q.shape
-    H, R, S = k_ring.shape[1], k_ring.shape[2], k_sink.shape[2]
-    G = group_size
+    H = k_ring.shape[1]
     qf = q.float().view(B, H, Hq // H, D) * sm_scale
+    lengths, n_quantized = lengths.long()[:, None], n_quantized.long()[:, None]  # [B, 1]
+    chunk = CHUNK_TOKENS // group_size * group_size
+    longest = int(lengths.max())
+    store = (k_ring, v_ring, k_sink, v_sink, k_packed, k_scale, k_min, v_packed, v_scale, v_min)
+    if longest == 0:
+        return torch.zeros_like(q)
+    if longest <= chunk:  # one chunk: a plain masked attention
+        keys, values, dead = _positions(0, longest, store, lengths, n_quantized, bits_k, bits_v, group_size, window)
+        out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=~dead.transpose(2, 3), scale=1.0)
+        return out.view(B, Hq, D).to(q.dtype)
     m = torch.full((B, H, Hq // H), float("-inf"), device=q.device)
     denom = torch.zeros_like(m)
     acc = torch.zeros(B, H, Hq // H, D, device=q.device)
-    lengths, n_quantized = lengths.long()[:, None], n_quantized.long()[:, None]  # [B, 1]
-    chunk = CHUNK_TOKENS // G * G
-    for c0 in range(0, int(lengths.max()), chunk):
-        pos = torch.arange(c0, c0 + chunk, device=q.device)  # [T]
-        keys = k_ring[:, :, pos % R].float()  # [B, H, T, D]
-        values = v_ring[:, :, pos % R].float()
-        c1 = min(c0 + chunk, int(n_quantized.max()))
-        if c1 > c0:  # some slot has quantized positions in this chunk
-            in_store = (pos[: c1 - c0] < n_quantized)[:, None, :, None]  # [B, 1, T', 1]
-            stored_k = dequantize_keys(k_packed[:, :, c0:c1], k_scale[:, :, c0 // G : c1 // G],
-                                       k_min[:, :, c0 // G : c1 // G], bits_k, G)
-            stored_v = dequantize_values(v_packed[:, :, c0:c1], v_scale[:, :, c0:c1], v_min[:, :, c0:c1], bits_v, G)
-            keys[:, :, : c1 - c0] = torch.where(in_store, stored_k.float(), keys[:, :, : c1 - c0])
-            values[:, :, : c1 - c0] = torch.where(in_store, stored_v.float(), values[:, :, : c1 - c0])
-        if c0 < S:  # sink positions come from the sink buffer
-            n = min(S, c0 + chunk) - c0
-            keys[:, :, :n] = k_sink[:, :, c0 : c0 + n].float()
-            values[:, :, :n] = v_sink[:, :, c0 : c0 + n].float()
-        dead = (pos >= lengths) | (pos < lengths - window if window else False)  # [B, T]: outside the slot
-        dead = dead[:, None, :, None]  # [B, 1, T, 1]
-        keys, values = keys.masked_fill(dead, 0), values.masked_fill(dead, 0)
+    for c0 in range(0, longest, chunk):
+        keys, values, dead = _positions(c0, min(c0 + chunk, longest), store, lengths, n_quantized, bits_k, bits_v,
+                                        group_size, window)
         scores = torch.einsum("bhrd,bhtd->bhrt", qf, keys)
         scores = scores.masked_fill(dead.transpose(2, 3), float("-inf"))
         m_new = torch.maximum(m, scores.amax(-1))
@@ -129,3 +125,32 @@ def decode_attention_reference(
         acc = acc * alpha[..., None] + torch.einsum("bhrt,bhtd->bhrd", p, values)
         m = m_new
     return (acc / denom[..., None]).view(B, Hq, D).to(q.dtype)
+
+
+def _positions(c0: int, c_end: int, store: tuple, lengths: Tensor, n_quantized: Tensor, bits_k: int, bits_v: int,
+               G: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Keys and values [B, H, T, D] float32 of positions c0 .. c_end - 1 of every slot, read
+    from the sinks, the dequantized store or the ring (values of dead positions zeroed), and
+    dead [B, 1, T, 1]: positions outside each slot (past its length, before its window)."""
+    k_ring, v_ring, k_sink, v_sink, k_packed, k_scale, k_min, v_packed, v_scale, v_min = store
+    R, S = k_ring.shape[2], k_sink.shape[2]
+    pos = torch.arange(c0, c_end, device=k_ring.device)  # [T]
+    c1 = min(c_end, int(n_quantized.max()))
+    if c1 <= c0 and c0 >= S and c_end <= R:  # ring positions only, at ring index p % R = p: a read-only view
+        keys, values = k_ring[:, :, c0:c_end].float(), v_ring[:, :, c0:c_end].float()
+    else:
+        keys, values = k_ring[:, :, pos % R].float(), v_ring[:, :, pos % R].float()  # copies
+    if c1 > c0:  # some slot has quantized positions in this chunk
+        in_store = (pos[: c1 - c0] < n_quantized)[:, None, :, None]  # [B, 1, T', 1]
+        stored_k = dequantize_keys(k_packed[:, :, c0:c1], k_scale[:, :, c0 // G : c1 // G],
+                                   k_min[:, :, c0 // G : c1 // G], bits_k, G)
+        stored_v = dequantize_values(v_packed[:, :, c0:c1], v_scale[:, :, c0:c1], v_min[:, :, c0:c1], bits_v, G)
+        keys[:, :, : c1 - c0] = torch.where(in_store, stored_k.float(), keys[:, :, : c1 - c0])
+        values[:, :, : c1 - c0] = torch.where(in_store, stored_v.float(), values[:, :, : c1 - c0])
+    if c0 < S:  # sink positions come from the sink buffer
+        n = min(S, c_end) - c0
+        keys[:, :, :n] = k_sink[:, :, c0 : c0 + n].float()
+        values[:, :, :n] = v_sink[:, :, c0 : c0 + n].float()
+    dead = (pos >= lengths) | (pos < lengths - window if window else False)  # [B, T]
+    dead = dead[:, None, :, None]
+    return keys, values.masked_fill(dead, 0), dead  # a dead key only meets a masked score

@@ -1,0 +1,60 @@
+"""Decode speed of the embedded model on the CPU: the engine (fp16 and kivi2 caches) against
+transformers' generate on the same GGUF, float32, batch 1, greedy, in one run.
+
+    python benchmarks/cpu_vs_transformers.py [--new-tokens 128] [--repeats 3]
+
+Engine: decode tokens/s of LLM.generate (its own clock: decode steps over their time).
+transformers: (time of N + 1 new tokens - time of 1) / N, so that prefill is not counted
+either. Each the best of --repeats runs after a warm-up.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from checkpoint import embedded_gguf
+from engine import LLM
+
+PROMPT = "The key to a good night's sleep is"
+
+p = argparse.ArgumentParser()
+p.add_argument("--new-tokens", type=int, default=128)
+p.add_argument("--repeats", type=int, default=3)
+args = p.parse_args()
+
+rates = {}
+for kv in ("fp16", "kivi2"):
+    llm = LLM(kv=kv, device="cpu", batch_size=1)
+    llm.generate([PROMPT], max_new_tokens=8, temperature=0)
+    best = 0.0
+    for _ in range(args.repeats):
+        llm.generate([PROMPT], max_new_tokens=args.new_tokens, temperature=0)
+        best = max(best, llm.stats["decode_steps"] / llm.stats["decode_s"])
+    rates[kv] = best
+    tokenizer = llm.tokenizer
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+gguf = embedded_gguf()
+hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+ids = torch.tensor([tokenizer.encode(PROMPT, bos=tokenizer.add_bos)])
+
+
+def seconds(n: int) -> float:
+    t0 = time.perf_counter()
+    hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return time.perf_counter() - t0
+
+
+with torch.inference_mode():
+    seconds(8)
+    rates["transformers"] = max(args.new_tokens / (seconds(args.new_tokens + 1) - seconds(1)) for _ in range(args.repeats))
+print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, float32, batch 1, greedy, "
+      f"{args.new_tokens} new tokens, best of {args.repeats}")
+for name, rate in rates.items():
+    print(f"{name:>12}: {rate:6.1f} tokens/s")
