@@ -111,6 +111,7 @@ class _Job:
     prompt: list[int]
     params: SamplingParams
     seed: int  # of this choice
+    resume: int = 0  # leading prompt tokens the (one) slot already holds: Chat's later turns
     tokens: list[int] = field(default_factory=list)  # generated so far (may run past the end)
     logprobs: list[float] = field(default_factory=list)
     checked: int = 0  # leading tokens whose text holds no stop string
@@ -318,13 +319,17 @@ def run_jobs(model: Transformer, tokenizer: Tokenizer | None, jobs: list[_Job], 
              sync_every: int = SYNC_EVERY, on_window: Callable[[list[_Job]], None] | None = None,
              warmup: bool = True) -> Iterator[Completion]:
     """Run the jobs in batch_size cache slots, yielding each completion as it ends. A slot is
-    refilled as soon as it is free, or (refill False) once every slot is free. on_window(jobs)
+    refilled as soon as it is free, or (refill False) once every slot is free. A job with
+    `resume` tokens already in the slot (a run of one slot only) feeds the rest of its prompt
+    through decode steps instead of a prefill. on_window(jobs)
     sees the running jobs after each window of sync_every steps. stats["prefill_s"],
     stats["decode_s"] and stats["decode_steps"] accumulate the time of the prefills and of the
     decode windows (steps until their tokens reach the host); stats["warmup_s"] is the
     compilation and capture of the step (warmup: a compiled step) before the first prompt."""
     device = model.tok_embeddings.weight.device
     B, K = batch_size, sync_every
+    if B > 1 and any(job.resume for job in jobs):
+        raise ValueError("a job resuming a slot's contents runs in a batch of one")
     setup_caches(model, cache, B, max_seq_len)
     window = torch.zeros(B, K + 1, dtype=torch.long, device=device)  # column 0: each slot's next input
     window_logprobs = torch.zeros(B, K + 1, device=device)
@@ -346,9 +351,15 @@ def run_jobs(model: Transformer, tokenizer: Tokenizer | None, jobs: list[_Job], 
             for b in range(B):
                 if slots[b] is None and pending:
                     job = slots[b] = pending.popleft()
-                    fresh.add(b)
                     p = job.params
                     temperature[b], top_k[b], top_p[b], seed[b] = p.temperature, p.top_k, p.top_p, job.seed
+                    if job.resume:  # the rest of the prompt but its last token, then that token as the next input
+                        for pos in range(job.resume, len(job.prompt) - 1):
+                            window[b, 0], input_pos[b] = job.prompt[pos], pos
+                            step(model, window[:, :1], input_pos, temperature, top_k, top_p, seed, "greedy")
+                        window[b, 0], input_pos[b] = job.prompt[-1], len(job.prompt) - 1
+                        continue
+                    fresh.add(b)
                     input_pos[b] = len(job.prompt) - 1  # the position whose logits choose the first token
                     logits = prefill(model, [job.prompt], [b])
                     first, logprob = sample(logits, *(t[b : b + 1] for t in (temperature, top_k, top_p, seed, input_pos)),
@@ -509,3 +520,33 @@ class LLM:
     def generate(self, requests: list, **sampling) -> list[Completion]:
         """Every completion, in request order (a request's n choices in choice order)."""
         return sorted(self.stream(requests, **sampling), key=lambda c: (c.request, c.choice))
+
+
+class Chat:
+    """A multi-turn chat kept in one cache slot between turns: each turn renders the whole
+    conversation with the chat template, and only the tokens past what the cache already
+    holds (the longest common prefix) go through the model."""
+
+    def __init__(self, llm: LLM, system: str | None = None, context: int | None = None):
+        self.llm = llm
+        self.context = min(llm.model.args.max_seq_len, context or 8192)  # the slot's length, fixed for the chat
+        self.messages = [{"role": "system", "content": system}] if system else []
+        self.cached: list[int] = []  # the tokens whose keys and values the slot holds, from position 0
+
+    def send(self, text: str, on_window: Callable | None = None, **sampling) -> Completion:
+        """The assistant's reply to `text` (sampling: SamplingParams fields)."""
+        messages = self.messages + [{"role": "user", "content": text}]
+        (job,) = self.llm.jobs([messages], **sampling)
+        if len(job.prompt) + job.params.max_new_tokens > self.context:
+            raise ValueError(f"the conversation ({len(job.prompt)} tokens) and max_new_tokens "
+                             f"{job.params.max_new_tokens} no longer fit the chat's {self.context} tokens: start a new one")
+        shared = next((i for i, (a, b) in enumerate(zip(self.cached, job.prompt)) if a != b),
+                      min(len(self.cached), len(job.prompt)))
+        job.resume = min(shared, len(job.prompt) - 1)
+        self.llm.stats = {}
+        (reply,) = run_jobs(self.llm.model, self.llm.tokenizer, [job], 1, self.context, self.llm.cache, self.llm.step,
+                            self.llm.eos_ids, self.llm.stats, on_window=on_window, warmup=self.llm.warmup)
+        # every generated token but the last went back in as an input
+        self.cached = job.prompt + job.tokens[: reply.completion_tokens - 1]
+        self.messages = messages + [{"role": "assistant", "content": reply.text}]
+        return reply

@@ -1,6 +1,7 @@
 """Generate text with a static KV cache (fp16 or KIVI), streaming it as it is produced.
 
     python generate.py [--checkpoint NAME|PATH] [--kv fp16|kivi2|kivi4|k4v2 ...] [--prompt TEXT]
+    python generate.py --interactive [--system TEXT]   a multi-turn chat, the cache kept between turns
 
 A command over engine.LLM: the prompt is prefilled in full precision, then each decode step
 (compiled into a CUDA graph on CUDA) feeds one token per cache slot. With --batch-size N the
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from engine import DTYPES, LLM, SamplingParams, pick_device, pick_dtype, plan_batch_size
+from engine import DTYPES, LLM, Chat, SamplingParams, pick_device, pick_dtype, plan_batch_size
 from kivi_cache import CacheConfig, parse_kv_mode
 from planner import cache_slot_bytes
 
@@ -97,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prompt.add_argument("--prompt", default="The key to a good night's sleep is")
     prompt.add_argument("--prompt-file", type=Path)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--interactive", action="store_true", help="chat turn after turn on stdin (Ctrl-D ends)")
+    p.add_argument("--system", help="the system message of --interactive")
     p.add_argument("--batch-size", type=parse_batch_size, default=1, help="a number, or auto: the largest that fits")
     add_sampling_args(p)
     add_runtime_args(p)
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError("the prompt is empty")
     llm = LLM(args.checkpoint, kv=args.kv, device=args.device, dtype=args.dtype, compile=args.compile,
               group_size=args.group_size, residual_length=args.residual_length, sink_tokens=args.sink_tokens)
+    if args.interactive:
+        return interactive(llm, args.system, sampling)
     request = [{"role": "user", "content": text}] if args.chat else text
     try:
         (job,) = llm.jobs([request], **sampling)
@@ -165,6 +170,23 @@ def main(argv: list[str] | None = None) -> None:
         f"{kv / total:.0f} B/token, {kv / fp:.3f}x the size of an fp16 cache ({fp / total:.0f} B/token)")
     if llm.device.type == "cuda":
         log(f"peak memory: {torch.cuda.max_memory_allocated(llm.device) / 1e9:.2f} GB")
+
+
+def interactive(llm: LLM, system: str | None, sampling: dict) -> None:
+    """Read a user turn a line, stream the reply; the chat's cache holds the conversation."""
+    chat = Chat(llm, system)
+    llm.sync_every = STREAM_EVERY
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            print()
+            return
+        if text.strip():
+            stream = TextStream(llm)
+            reply = chat.send(text, on_window=stream, **sampling)
+            stream.show(reply.text)
+            print()
 
 
 def cli() -> None:

@@ -94,3 +94,12 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
     with pytest.raises(SystemExit) as e:
         generate.run_cli(interrupted)
     assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_interactive_chat_answers_each_line_and_ends_at_eof():
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--interactive", "--device", "cpu", "--max-new-tokens",
+                        "6", "--temperature", "0"], input="Hello!\nName a color.\n", capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    turns = r.stdout.split("> ")
+    assert len(turns) == 4 and turns[0] == "" and turns[1].strip() and turns[2].strip() and turns[3] == "\n"

@@ -152,3 +152,25 @@ def test_bad_sampling_values_are_one_clear_error(fields, message):
 def test_bad_requests_name_the_request(tiny_model, request_, message):
     with pytest.raises(ValueError, match=rf"request 1: .*{message}"):
         llm_of(tiny_model).generate(["fine", request_], max_new_tokens=8)
+
+
+@pytest.mark.parametrize("kv", ["fp16", "kivi2"])
+def test_chat_keeps_the_cache_between_turns(kv, monkeypatch):
+    """Turn 2 feeds only the tokens past the cached history (no prefill) and replies what a
+    fresh prefill of the whole conversation replies. (The conversation stays inside kivi2's
+    full-precision ring: past it, decode-time keys and values differ from a prefill's by
+    design, since decode attends over the quantized store.)"""
+    import engine
+
+    llm = LLM(kv=kv, device="cpu")
+    chat = engine.Chat(llm, context=512)
+    first = chat.send("Name a fruit.", max_new_tokens=12, temperature=0)
+    real, prefills = engine.prefill, []
+    monkeypatch.setattr(engine, "prefill", lambda *args: prefills.append(args) or real(*args))
+    second = chat.send("And a vegetable?", max_new_tokens=12, temperature=0)
+    assert prefills == []
+    monkeypatch.undo()
+    conversation = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": first.text},
+                    {"role": "user", "content": "And a vegetable?"}]
+    (fresh,) = llm.generate([conversation], max_new_tokens=12, temperature=0)
+    assert second.token_ids == fresh.token_ids and second.prompt_tokens == fresh.prompt_tokens
