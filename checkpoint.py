@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+import tp
 from model import ModelArgs
 
 CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
@@ -97,14 +98,22 @@ def resolve_checkpoint(name_or_path: str | None) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, device: torch.device | str, dtype: torch.dtype) -> tuple[ModelArgs, dict[str, Tensor]]:
-    """The model args and the state dict, in the engine's names, on `device` in `dtype`."""
+def load_checkpoint(path: Path, device: torch.device | str, dtype: torch.dtype, rank: int = 0,
+                    world: int = 1) -> tuple[ModelArgs, dict[str, Tensor]]:
+    """The model args and the state dict, in the engine's names, on `device` in `dtype`.
+    world > 1: the tensors rank holds under tensor parallelism (tp.py), each read as slices of
+    the memory-mapped file (the args stay the full model's)."""
     path = Path(path)
     config = _read_json(path / "config.json")
     args = _args(path, config)
     if _is_hf(config):
+        if world > 1:
+            raise CheckpointError(f"{path}: tensor-parallel loading reads the engine's own format: convert the "
+                                  "folder first (scripts/convert_hf_checkpoint.py)")
         with _hf_tensors(_weight_files(path, config)) as hf:
             return args, _from_hf(path, config, args, hf, lambda t: t.to(device=device, dtype=dtype))
+    if world > 1:
+        tp.check(args, world)  # before any weights load
     expected = expected_shapes(args)
     state_dict = {}
     with _reading(path / "model.safetensors"), safe_open(path / "model.safetensors", "pt") as f:
@@ -116,10 +125,19 @@ def load_checkpoint(path: Path, device: torch.device | str, dtype: torch.dtype) 
                 raise CheckpointError(f"{path}/model.safetensors: missing tensor {name}")
             if tuple(f.get_slice(name).get_shape()) != shape:
                 raise CheckpointError(f"{path}/model.safetensors: {name} has shape {f.get_slice(name).get_shape()}, expected {list(shape)}")
-            state_dict[name] = f.get_tensor(name)
-    for name, tensor in state_dict.items():
-        state_dict[name] = tensor.to(device=device, dtype=dtype)
+            state_dict[name] = _read_shard(f, name, args, rank, world).to(device=device, dtype=dtype)
     return args, state_dict
+
+
+def _read_shard(f, name: str, args: ModelArgs, rank: int, world: int) -> Tensor:
+    """Tensor `name` of an open safetensors file, or the rows / columns rank holds of it."""
+    if world == 1:
+        return f.get_tensor(name)
+    if rows := tp.row_ranges(name, args, rank, world):
+        return torch.cat([f.get_slice(name)[a:b] for a, b in rows])
+    if columns := tp.column_range(name, args, rank, world):
+        return f.get_slice(name)[:, columns[0] : columns[1]]
+    return f.get_tensor(name)
 
 
 def embedded_gguf() -> Path:

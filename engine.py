@@ -33,6 +33,7 @@ from torch import Tensor
 from kivi_cache import CacheConfig, parse_kv_mode
 from model import CONFIGS, ModelArgs, Transformer, build_model
 from planner import PREFILL_TOKENS, device_budget, max_batch_size
+import tp
 from tokenizer import Tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -140,7 +141,9 @@ def load_model(checkpoint: str | None, device: torch.device, dtype: torch.dtype,
                random_weights: bool = False) -> tuple[Transformer, Tokenizer | None, dict]:
     """The one way the project loads a model: (model, tokenizer, generation_config). With
     random_weights, `checkpoint` names a shape (model.CONFIGS, or a folder whose config.json
-    gives one) and there is no tokenizer: speed does not depend on the weights' values."""
+    gives one) and there is no tokenizer: speed does not depend on the weights' values.
+    Under torchrun (tp.py) each rank loads and builds its own part."""
+    rank, world = tp.rank(), tp.world_size()
     from checkpoint import load_checkpoint, resolve_checkpoint
     from tokenizer import load_tokenizer
 
@@ -149,11 +152,11 @@ def load_model(checkpoint: str | None, device: torch.device, dtype: torch.dtype,
             raise ValueError("random weights need a checkpoint: a model shape name or a folder with config.json")
         shape = ModelArgs.from_name(checkpoint) if checkpoint.lower() in CONFIGS else ModelArgs.load(Path(checkpoint) / "config.json")
         torch.manual_seed(0)
-        return build_model(shape, None, device, dtype), None, {}
+        return build_model(shape, None, device, dtype, world), None, {}
     path = resolve_checkpoint(checkpoint)
     tokenizer = load_tokenizer(path)
-    args, state_dict = load_checkpoint(path, device, dtype)
-    return build_model(args, state_dict, device, dtype), tokenizer, load_generation_config(path)
+    args, state_dict = load_checkpoint(path, device, dtype, rank, world)
+    return build_model(args, state_dict, device, dtype, world), tokenizer, load_generation_config(path)
 
 
 def load_generation_config(checkpoint_dir: Path) -> dict:
@@ -419,6 +422,7 @@ class LLM:
         cache = CacheConfig(kv, group_size, residual_length, sink_tokens)
         parse_kv_mode(kv)
         device_ = pick_device(device)
+        device_ = tp.init(device_.type) or device_  # under torchrun: this rank's device
         model, tokenizer, generation_config = load_model(checkpoint, device_, pick_dtype(dtype, device_), random_weights)
         self._setup(model, tokenizer, generation_config, cache, batch_size, compile)
 

@@ -4,12 +4,15 @@
     python generate.py --interactive [--system TEXT]   a multi-turn chat, the cache kept between turns
 
 A command over engine.LLM: the prompt is prefilled in full precision, then each decode step
-(compiled into a CUDA graph on CUDA) feeds one token per cache slot. With --batch-size N the
+(compiled into a CUDA graph on CUDA) feeds one token per cache slot. Under
+`torchrun --nproc-per-node N generate.py ...` the model runs tensor parallel over N ranks
+(tp.py) and rank 0 alone prints. With --batch-size N the
 prompt runs N times, each with its own sampling noise, and every text is printed at the end.
 The shared command-line options of the project's commands live here too.
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +21,7 @@ import torch
 
 from engine import DTYPES, LLM, Chat, SamplingParams, pick_device, pick_dtype, plan_batch_size
 from kivi_cache import CacheConfig, parse_kv_mode
+import tp
 from planner import cache_slot_bytes
 
 STREAM_EVERY = 4  # decode steps between two looks at the tokens while streaming
@@ -126,6 +130,8 @@ class TextStream:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if tp.rank() > 0:  # under torchrun rank 0 alone prints (every rank computes the same tokens)
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     caches, _, _ = runtime(args, args.kv)
     if len(caches) != 1:
         raise ValueError(f"--kv {args.kv}: generate.py runs one cache mode (scripts/benchmark.py compares several)")

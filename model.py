@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import tp
+
 # cuDNN attention (the default on Hopper) builds a plan for every new prompt length, about
 # 1 ms of host time a layer: batch generation meets a new length with nearly every prompt.
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -338,12 +340,13 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = None if args.shared_norm else make_norm(args)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, slots: Tensor | None) -> Tensor:
+        # under tensor parallelism attention and MLP give this rank's partial sums (tp.py)
         h = self.attention_norm(x)
         attn = self.attention(h, cos, sin, input_pos, slots)
         if self.parallel:
-            return x + attn + self.feed_forward(h if self.ffn_norm is None else self.ffn_norm(x))
-        h = x + attn
-        return h + self.feed_forward(self.ffn_norm(h))
+            return x + tp.all_reduce(attn + self.feed_forward(h if self.ffn_norm is None else self.ffn_norm(x)))
+        h = x + tp.all_reduce(attn)
+        return h + tp.all_reduce(self.feed_forward(self.ffn_norm(h)))
 
 
 class Transformer(nn.Module):
@@ -390,9 +393,14 @@ class Transformer(nn.Module):
         return F.linear(x, weight).float()
 
 
-def build_model(args: ModelArgs, state_dict: dict[str, Tensor] | None, device: torch.device, dtype: torch.dtype) -> Transformer:
+def build_model(args: ModelArgs, state_dict: dict[str, Tensor] | None, device: torch.device, dtype: torch.dtype,
+                world: int = 1) -> Transformer:
     """The model in eval mode on `device` in `dtype`, with `state_dict`'s weights or random
-    ones (benchmarks: speed does not depend on the weights' values)."""
+    ones (benchmarks: speed does not depend on the weights' values). world > 1: this rank's
+    part of it (tp.py), its args the shapes the rank holds."""
+    if world > 1:
+        tp.check(args, world)
+        args = tp.local_args(args, world)
     with torch.device("meta" if state_dict is not None else device):
         model = Transformer(args)
     if state_dict is not None:

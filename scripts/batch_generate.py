@@ -18,6 +18,8 @@ context) gets an error record and the run goes on.
 Each record is appended and flushed as its request ends (and fsynced within FSYNC_EVERY_S
 seconds). A re-run with the same OUTPUT skips the requests and the error lines already there,
 so a killed run resumes where it stopped; OUTPUT.lock keeps a second run off the same OUTPUT.
+Under `torchrun --nproc-per-node N` the model runs tensor parallel (tp.py): every rank runs
+the same requests, rank 0 alone writes, locks and shows progress.
 """
 
 import argparse
@@ -33,9 +35,11 @@ from typing import TextIO
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from engine import LLM, Completion, SamplingParams
+import tp
 from generate import add_runtime_args, add_sampling_args, parse_batch_size, run_cli, runtime, sampling_from
 
 FSYNC_EVERY_S = 5.0
@@ -191,6 +195,11 @@ def write_record(f: TextIO, record: dict) -> None:
     f.flush()
 
 
+def _fsync(f: TextIO) -> None:
+    if tp.rank() == 0:  # the other ranks write to os.devnull, which has no fsync
+        os.fsync(f.fileno())
+
+
 def lock_output(out_path: Path) -> TextIO:
     """Hold OUTPUT.lock for this process (released when it exits), or fail naming the holder."""
     lock = open(out_path.with_name(out_path.name + ".lock"), "a+")
@@ -212,7 +221,11 @@ def run_batch(llm: LLM, lines: list[str], out_path: Path, model_name: str, refil
     request ends; returns the run's stats. sampling: defaults for the lines' own fields.
     stop_after: return once that many requests have ended (tests use it as a crash)."""
     t0 = time.perf_counter()
-    done_keys, done_lines = read_done(out_path)
+    # under torchrun every rank runs the same jobs, rank 0 alone reads and writes the output
+    done = [read_done(out_path) if tp.rank() == 0 else None]
+    if tp.world_size() > 1:
+        dist.broadcast_object_list(done, src=0)
+    done_keys, done_lines = done[0]
     ready, choices, errors, seen, jobs = {}, {}, [], set(), []
     for n, raw in enumerate(lines, 1):
         if not raw.strip():
@@ -236,9 +249,9 @@ def run_batch(llm: LLM, lines: list[str], out_path: Path, model_name: str, refil
         ready[n], choices[n] = line, len(line_jobs)
         jobs += line_jobs
     stats = {"prompts": 0, "errors": len(errors), "tokens": 0}
-    bar = tqdm(total=len(ready), unit="request", disable=not progress)
+    bar = tqdm(total=len(ready), unit="request", disable=not progress or tp.rank() > 0)
     ended = defaultdict(list)
-    with open(out_path, "a", encoding="utf-8") as out, bar:
+    with open(out_path if tp.rank() == 0 else os.devnull, "a", encoding="utf-8") as out, bar:
         for record in errors:
             write_record(out, record)
         synced = t_run = time.perf_counter()
@@ -251,7 +264,7 @@ def run_batch(llm: LLM, lines: list[str], out_path: Path, model_name: str, refil
             write_record(out, answer(ready[c.request], done, model_name, llm.tokenizer))
             if time.perf_counter() - synced > FSYNC_EVERY_S:  # flushed lines survive a crash of this process;
                 # fsync (against a crash of the machine) blocks the host, and so the GPU, for a disk write
-                os.fsync(out.fileno())
+                _fsync(out)
                 synced = time.perf_counter()
             stats["prompts"] += 1
             stats["tokens"] += sum(x.completion_tokens for x in done)
@@ -259,7 +272,7 @@ def run_batch(llm: LLM, lines: list[str], out_path: Path, model_name: str, refil
             bar.set_postfix_str(f"{stats['tokens'] / (time.perf_counter() - t_run):.1f} tokens/s")
             if stats["prompts"] == stop_after:
                 break
-        os.fsync(out.fileno())
+        _fsync(out)
     stats |= llm.stats
     stats["seconds"] = time.perf_counter() - t0 - stats.get("warmup_s", 0.0)
     return stats
@@ -283,13 +296,15 @@ def main(argv: list[str] | None = None) -> None:
     from checkpoint import DEFAULT_CHECKPOINT
 
     args = parse_args(argv)
+    if tp.rank() > 0:  # under torchrun rank 0 alone prints (every rank computes the same tokens)
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     runtime(args, args.kv)
     sampling = sampling_from(args)
     if not args.input.is_file():
         raise ValueError(f"no input file {args.input}")
     if args.output.exists() and args.output.resolve() == args.input.resolve():
         raise ValueError(f"the output {args.output} is the input: results are appended to the output, pick another file")
-    lock = lock_output(args.output)
+    lock = lock_output(args.output) if tp.rank() == 0 else None
     with open(args.input, encoding="utf-8") as f:
         lines = f.readlines()
     llm = LLM(args.checkpoint, kv=args.kv, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
@@ -299,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.reset_peak_memory_stats(llm.device)
     stats = run_batch(llm, lines, args.output, args.checkpoint or DEFAULT_CHECKPOINT, refill=not args.no_refill,
                       **sampling)
-    lock.close()
+    if lock is not None:
+        lock.close()
     peak = "n/a on CPU"
     if llm.device.type == "cuda":
         retries = torch.cuda.memory_stats(llm.device)["num_alloc_retries"]
