@@ -106,14 +106,13 @@ def load_checkpoint(path: Path, device: torch.device | str, dtype: torch.dtype, 
     path = Path(path)
     config = _read_json(path / "config.json")
     args = _args(path, config)
-    if _is_hf(config):
-        if world > 1:
-            raise CheckpointError(f"{path}: tensor-parallel loading reads the engine's own format: convert the "
-                                  "folder first (scripts/convert_hf_checkpoint.py)")
-        with _hf_tensors(_weight_files(path, config)) as hf:
-            return args, _from_hf(path, config, args, hf, lambda t: t.to(device=device, dtype=dtype))
     if world > 1:
         tp.check(args, world)  # before any weights load
+    if _is_hf(config):
+        shard = _hf_shard_rule(config, args, rank, world) if world > 1 else None
+        with _hf_tensors(_weight_files(path, config), shard) as hf:
+            local = tp.local_args(args, world) if world > 1 else args
+            return args, _from_hf(path, config, local, hf, lambda t: t.to(device=device, dtype=dtype))
     expected = expected_shapes(args)
     state_dict = {}
     with _reading(path / "model.safetensors"), safe_open(path / "model.safetensors", "pt") as f:
@@ -246,19 +245,48 @@ def convert_hf(hf_dir: Path, out_dir: Path) -> None:
 
 
 @contextmanager
-def _hf_tensors(files: list[Path]) -> Iterator[dict[str, Callable[[], Tensor]]]:
-    """Name -> a function reading that tensor, over the weight files (memory-mapped)."""
+def _hf_tensors(files: list[Path], shard: Callable[[str], tuple[int, int, int] | None] | None = None,
+                ) -> Iterator[dict[str, Callable[[], Tensor]]]:
+    """Name -> a function reading that tensor, over the weight files (memory-mapped); with
+    `shard`, only the part (dim, start, end) it names of each tensor it splits."""
+    def read(get: Callable[[], object], part: tuple[int, int, int] | None) -> Tensor:
+        if part is None:
+            return get()[:]
+        dim, a, b = part
+        return get()[a:b] if dim == 0 else get()[:, a:b]
+
     with ExitStack() as stack:
         readers = {}
         for file in files:
             with _reading(file):
                 if file.suffix == ".safetensors":
                     f = stack.enter_context(safe_open(file, "pt"))
-                    readers.update({name: partial(f.get_tensor, name) for name in f.keys()})
+                    getters = {name: partial(f.get_slice, name) for name in f.keys()}
                 else:
                     tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-                    readers.update({name: partial(tensors.get, name) for name in tensors})
+                    getters = {name: partial(tensors.get, name) for name in tensors}
+            readers.update({name: partial(read, get, shard(name) if shard else None) for name, get in getters.items()})
         yield readers
+
+
+def _hf_shard_rule(config: dict, args: ModelArgs, rank: int, world: int) -> Callable[[str], tuple[int, int, int] | None]:
+    """Name of a Hugging Face tensor -> (dim, start, end) of the part rank holds under tensor
+    parallelism (tp.py), None for a replicated one."""
+    local = tp.local_args(args, world)
+    q, kv, mlp = local.n_heads * args.head_dim, local.n_kv_heads * args.head_dim, local.intermediate_size
+    group = (args.n_heads // args.n_kv_heads + 2) * args.head_dim * local.n_kv_heads  # Falcon's fused rows a rank
+    rules = {  # name suffix -> (dim, size of the rank's part)
+        "q_proj.weight": (0, q), "q_proj.bias": (0, q), "k_proj.weight": (0, kv), "k_proj.bias": (0, kv),
+        "v_proj.weight": (0, kv), "v_proj.bias": (0, kv), "o_proj.weight": (1, q), "self_attention.dense.weight": (1, q),
+        "gate_proj.weight": (0, mlp), "up_proj.weight": (0, mlp), "down_proj.weight": (1, mlp),
+        "dense_h_to_4h.weight": (0, mlp), "dense_4h_to_h.weight": (1, mlp), "query_key_value.weight": (0, group),
+    }
+
+    def part(name: str) -> tuple[int, int, int] | None:
+        rule = next((r for suffix, r in rules.items() if name.endswith(suffix)), None)
+        return None if rule is None else (rule[0], rank * rule[1], (rank + 1) * rule[1])
+
+    return part
 
 
 def _from_hf(hf_dir: Path, config: dict, args: ModelArgs, hf: dict[str, Callable[[], Tensor]],

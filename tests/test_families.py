@@ -196,3 +196,20 @@ def test_unknown_rope_type_is_one_clear_error(rope):
     with pytest.raises(ValueError, match="unsupported RoPE type 'yarn': supported are default, linear, dynamic, llama3"):
         ModelArgs.from_hf_config({**REAL_CONFIGS["qwen2.5-7b"], **rope})
 
+
+
+@pytest.mark.parametrize("name", [name for name in FAMILIES if name != "falcon-mqa"])
+def test_tensor_parallel_shards_of_the_directory_equal_those_of_its_conversion(hf_family, name, tmp_path):
+    """Each of 2 ranks reads the same slices from the Hugging Face directory as from the
+    engine's own format (tests/test_tp.py checks those against the full tensors)."""
+    path, _ = hf_family(name)
+    convert_hf(path, tmp_path / "converted")
+    for rank in range(2):
+        direct = load_checkpoint(path, "cpu", torch.float32, rank, 2)[1]
+        converted = load_checkpoint(tmp_path / "converted", "cpu", torch.float32, rank, 2)[1]
+        assert direct.keys() == converted.keys() and all(torch.equal(direct[k], converted[k]) for k in direct)
+
+
+def test_tensor_parallel_load_of_multi_query_falcon_on_two_ranks_is_refused(hf_family):
+    with pytest.raises(ValueError, match="2 ranks do not divide the model's kv heads 1"):
+        load_checkpoint(hf_family("falcon-mqa")[0], "cpu", torch.float32, 0, 2)
