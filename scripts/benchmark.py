@@ -17,6 +17,7 @@ ends in one file and one plot.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from tqdm import tqdm
 
+import tp
 from engine import LLM, load_model
 from generate import add_runtime_args, run_cli, runtime
 from kivi_cache import CacheConfig
@@ -87,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     caches, device, dtype = runtime(args, args.kv)
+    device = tp.init(device.type) or device  # under torchrun: tensor parallel, rank 0 alone prints and writes
+    writer = tp.rank() == 0
+    if not writer:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     batch_sizes = [b if b == "auto" else int(b) for b in args.batch_size.split(",")]
     if any(b != "auto" and b < 1 for b in batch_sizes) or args.prompt_len < 1 or args.gen_len < 2:
         raise ValueError("batch sizes and --prompt-len must be at least 1, --gen-len at least 2")
@@ -100,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"checkpoint": args.checkpoint, "random_weights": args.random_weights,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "dtype": str(dtype), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "budget_gb": budget / 1e9}
+    if tp.world_size() > 1:
+        meta["ranks"] = tp.world_size()
     json_path = args.out.with_suffix(".json")
     earlier = json.loads(json_path.read_text()) if json_path.exists() else {"meta": meta, "results": []}
     if earlier["meta"] != meta:
@@ -115,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                 points[cache.kv, batch] = {
                     "kv": cache.kv, "batch_size": batch, "auto": b == "auto", "fits": batch <= largest,
                     "planned_peak_gb": planned_bytes(model.args, cache, seq_len, dtype, batch) / 1e9}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if writer:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     results = [r for key, r in done.items() if key not in points]
     for key, point in tqdm(points.items(), desc="benchmark", unit="point", file=sys.stderr):
         cache = next(c for c in caches if c.kv == point["kv"])
@@ -125,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
             torch._dynamo.reset()
             point.update(run_point(model, cache, point["batch_size"], args.prompt_len, args.gen_len, args.compile))
         results.append(point)
-        json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+        if writer:
+            json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
 
     print(f"{'kv':>6} {'batch':>6} {'tokens/s':>10} {'peak GB':>8} {'planned':>8} {'kv GB':>7} {'prefill s':>9}")
     for r in results:
@@ -135,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"{r['kv']:>6} {r['batch_size']:6d}  does not fit: the planner needs {r['planned_peak_gb']:.1f} GB "
                   f"of {budget / 1e9:.1f}")
-    plot(results, args.out.with_suffix(".png"), f"{args.checkpoint}, prompt {args.prompt_len}, generate {args.gen_len}")
+    if writer:
+        plot(results, args.out.with_suffix(".png"), f"{args.checkpoint}, prompt {args.prompt_len}, generate {args.gen_len}")
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
 
 
