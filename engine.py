@@ -544,6 +544,8 @@ class Chat:
         if len(job.prompt) + job.params.max_new_tokens > self.context:
             raise ValueError(f"the conversation ({len(job.prompt)} tokens) and max_new_tokens "
                              f"{job.params.max_new_tokens} no longer fit the chat's {self.context} tokens: start a new one")
+        if getattr(self.llm.model, "cache_setup", None) != (self.llm.cache, 1, self.context):
+            self.cached = []  # the model's caches were rebuilt for another run since the last turn
         shared = next((i for i, (a, b) in enumerate(zip(self.cached, job.prompt)) if a != b),
                       min(len(self.cached), len(job.prompt)))
         job.resume = min(shared, len(job.prompt) - 1)

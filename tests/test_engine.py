@@ -174,3 +174,6 @@ def test_chat_keeps_the_cache_between_turns(kv, monkeypatch):
                     {"role": "user", "content": "And a vegetable?"}]
     (fresh,) = llm.generate([conversation], max_new_tokens=12, temperature=0)
     assert second.token_ids == fresh.token_ids and second.prompt_tokens == fresh.prompt_tokens
+    third = chat.send("And a drink?", max_new_tokens=6, temperature=0)  # after llm.generate rebuilt the caches
+    (again,) = llm.generate([chat.messages[:-1]], max_new_tokens=6, temperature=0)
+    assert third.token_ids == again.token_ids
