@@ -154,17 +154,18 @@ def main(argv: list[str] | None = None) -> None:
     if llm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(llm.device)
     streaming = llm.batch_size == 1
+    after_prompt = "\n" if args.chat else ""  # a chat reply starts on a line of its own
     stream = TextStream(llm)
     if streaming:
         llm.sync_every = STREAM_EVERY
-        print(text, end="", flush=True)
+        print(text, end=after_prompt, flush=True)
     completions = sorted(llm.run(jobs, on_window=stream if streaming else None), key=lambda c: c.request)
     for c in completions:
         if streaming:
             stream.show(c.text)
             print()
         else:
-            print(f"--- sequence {c.request}\n{text}{c.text}")
+            print(f"--- sequence {c.request}\n{text}{after_prompt}{c.text}")
     model_args, stats, B = llm.model.args, llm.stats, llm.batch_size
     steps = max(c.completion_tokens for c in completions) - 1
     kv = cache_slot_bytes(model_args, llm.cache, total, llm.dtype)
