@@ -151,8 +151,9 @@ def load_model(checkpoint: str | None, device: torch.device, dtype: torch.dtype,
         if checkpoint is None:
             raise ValueError("random weights need a checkpoint: a model shape name or a folder with config.json")
         shape = ModelArgs.from_name(checkpoint) if checkpoint.lower() in CONFIGS else ModelArgs.load(Path(checkpoint) / "config.json")
-        torch.manual_seed(0)
-        return build_model(shape, None, device, dtype, world), None, {}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's seed stays
+            torch.manual_seed(0)
+            return build_model(shape, None, device, dtype, world), None, {}
     path = resolve_checkpoint(checkpoint)
     tokenizer = load_tokenizer(path)
     args, state_dict = load_checkpoint(path, device, dtype, rank, world)
@@ -205,7 +206,8 @@ def _filter(x: Tensor, top_k: Tensor, top_p: Tensor, mode: str) -> Tensor:
     sorted_x, order = x.sort(dim=-1, descending=True)
     probs = sorted_x.softmax(-1)
     rank = torch.arange(x.shape[-1], device=x.device)
-    drop = (probs.cumsum(-1) - probs > top_p[:, None]) | ((top_k[:, None] > 0) & (rank >= top_k[:, None]))
+    nucleus = (top_p[:, None] < 1) & (probs.cumsum(-1) - probs > top_p[:, None])  # top_p 1: no rounding cut
+    drop = nucleus | ((top_k[:, None] > 0) & (rank >= top_k[:, None]))
     return x.scatter(-1, order, sorted_x.masked_fill(drop, off))
 
 
@@ -458,11 +460,20 @@ class LLM:
             fields_ = {k: v for k, v in request.items() if k not in ("prompt", "messages")}
             if ("prompt" in request) == ("messages" in request):
                 raise ValueError("a request dict needs exactly one of 'prompt' and 'messages'")
-            request = request.get("prompt", request.get("messages"))
-            if isinstance(request, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in request):
-                if not request or not all(0 <= t < self.model.args.vocab_size for t in request):
+            if "messages" in request:
+                request = request["messages"]
+                if not isinstance(request, list) or not request or not all(isinstance(m, dict) for m in request):
+                    raise ValueError("messages must be a non-empty list of chat messages")
+            elif isinstance(request["prompt"], list):  # token ids
+                ids = request["prompt"]
+                if not ids or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.model.args.vocab_size
+                                      for t in ids):
                     raise ValueError(f"prompt token ids must be a non-empty list in [0, {self.model.args.vocab_size})")
-                return request, fields_
+                return ids, fields_
+            elif not isinstance(request["prompt"], str):
+                raise ValueError("prompt must be a string or a list of token ids")
+            else:
+                request = request["prompt"]
         if isinstance(request, str):
             if not request.strip():
                 raise ValueError("empty prompt")
@@ -544,14 +555,20 @@ class Chat:
         if len(job.prompt) + job.params.max_new_tokens > self.context:
             raise ValueError(f"the conversation ({len(job.prompt)} tokens) and max_new_tokens "
                              f"{job.params.max_new_tokens} no longer fit the chat's {self.context} tokens: start a new one")
-        if getattr(self.llm.model, "cache_setup", None) != (self.llm.cache, 1, self.context):
-            self.cached = []  # the model's caches were rebuilt for another run since the last turn
+        model = self.llm.model
+        if getattr(model, "cache_setup", None) != (self.llm.cache, 1, self.context) or getattr(model, "chat", None) is not self:
+            self.cached = []  # another run or chat used the model's caches since this chat's last turn
         shared = next((i for i, (a, b) in enumerate(zip(self.cached, job.prompt)) if a != b),
                       min(len(self.cached), len(job.prompt)))
         job.resume = min(shared, len(job.prompt) - 1)
         self.llm.stats = {}
-        (reply,) = run_jobs(self.llm.model, self.llm.tokenizer, [job], 1, self.context, self.llm.cache, self.llm.step,
-                            self.llm.eos_ids, self.llm.stats, on_window=on_window, warmup=self.llm.warmup)
+        # one step a window: no step runs past the reply, so the slot holds exactly self.cached
+        # afterwards (a KIVI ring overrun would overwrite positions the next turn reads); no
+        # warm-up steps either once the slot holds the conversation
+        (reply,) = run_jobs(model, self.llm.tokenizer, [job], 1, self.context, self.llm.cache, self.llm.step,
+                            self.llm.eos_ids, self.llm.stats, sync_every=1, on_window=on_window,
+                            warmup=self.llm.warmup and not job.resume)
+        model.chat = self
         # every generated token but the last went back in as an input
         self.cached = job.prompt + job.tokens[: reply.completion_tokens - 1]
         self.messages = messages + [{"role": "assistant", "content": reply.text}]

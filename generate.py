@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(caches) != 1:
         raise ValueError(f"--kv {args.kv}: generate.py runs one cache mode (scripts/benchmark.py compares several)")
     sampling = sampling_from(args)
+    if args.interactive and tp.world_size() > 1:
+        raise ValueError("--interactive runs in one process, not under torchrun")
     text = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else args.prompt
     if not text.strip():
         raise ValueError("the prompt is empty")
@@ -181,8 +183,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def interactive(llm: LLM, system: str | None, sampling: dict) -> None:
     """Read a user turn a line, stream the reply; the chat's cache holds the conversation."""
-    chat = Chat(llm, system)
-    llm.sync_every = STREAM_EVERY
+    chat = Chat(llm, system)  # it streams a token at a time
     while True:
         try:
             text = input("> ")

@@ -98,7 +98,8 @@ class Line:
             raise ValueError("top logprobs (alternatives to each token) are not supported: only the tokens' own")
         request = {prompt_key: body[prompt_key]}
         request |= {k: body[k] for k in ("temperature", "top_p", "seed", "stop", "n") if body.get(k) is not None}
-        if (max_tokens := body.get("max_completion_tokens", body.get("max_tokens"))) is not None:
+        max_tokens = body.get("max_completion_tokens")
+        if (max_tokens := body.get("max_tokens") if max_tokens is None else max_tokens) is not None:
             request["max_new_tokens"] = max_tokens
         if body.get("logprobs") is not None:
             request["logprobs"] = True if not self.chat else body["logprobs"]

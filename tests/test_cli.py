@@ -103,3 +103,9 @@ def test_interactive_chat_answers_each_line_and_ends_at_eof():
     assert r.returncode == 0, r.stderr
     turns = r.stdout.split("> ")
     assert len(turns) == 4 and turns[0] == "" and turns[1].strip() and turns[2].strip() and turns[3] == "\n"
+
+
+def test_interactive_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--interactive runs in one process"):
+        generate.main(["--device", "cpu", "--interactive"])

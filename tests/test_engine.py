@@ -148,6 +148,8 @@ def test_bad_sampling_values_are_one_clear_error(fields, message):
     ("   ", "empty prompt"), ({"prompt": []}, "token ids"), ({"prompt": [95]}, "token ids"),
     ({"prompt": "a", "messages": []}, "exactly one"), ({"prompt": "a", "colour": 1}, "unknown sampling field"),
     ({"prompt": "a" * 250}, "exceeds the model's context of 256"), (7, "a request is"),
+    ({"messages": [1, 2]}, "messages must be"), ({"prompt": [{"role": "user", "content": "x"}]}, "token ids"),
+    ([3, 4], "a request is"),
 ])
 def test_bad_requests_name_the_request(tiny_model, request_, message):
     with pytest.raises(ValueError, match=rf"request 1: .*{message}"):
@@ -177,3 +179,39 @@ def test_chat_keeps_the_cache_between_turns(kv, monkeypatch):
     third = chat.send("And a drink?", max_new_tokens=6, temperature=0)  # after llm.generate rebuilt the caches
     (again,) = llm.generate([chat.messages[:-1]], max_new_tokens=6, temperature=0)
     assert third.token_ids == again.token_ids
+
+
+def test_chat_turns_feed_exactly_the_cached_tokens_and_two_chats_do_not_mix():
+    """No step runs past a reply (a KIVI ring overrun would overwrite positions the next turn
+    reads), and a chat whose slot another chat used starts over."""
+    import engine
+
+    llm = LLM(kv="kivi2", device="cpu", residual_length=32)
+    fed = []
+    step = llm.step
+    llm.step = lambda model, tokens, input_pos, *rest: fed.append(int(input_pos[0])) or step(model, tokens, input_pos, *rest)
+    a = engine.Chat(llm, context=512)
+    for text in ("Name a fruit.", "And a vegetable?"):
+        fed.clear()
+        a.send(text, max_new_tokens=20, temperature=0)
+        assert max(fed) == len(a.cached) - 1
+    llm = LLM(kv="fp16", device="cpu")  # fp16: a fresh prefill equals the resumed turn
+    a, b, alone = (engine.Chat(llm, context=512) for _ in range(3))
+    a.send("Name a fruit.", max_new_tokens=8, temperature=0)
+    for chat in (alone, b):
+        chat.send("Name a city.", max_new_tokens=8, temperature=0)
+    b_turn = b.send("And a river?", max_new_tokens=8, temperature=0)
+    a.send("And a drink?", max_new_tokens=8, temperature=0)  # a's slot history is gone: it starts over
+    assert b_turn.token_ids == alone.send("And a river?", max_new_tokens=8, temperature=0).token_ids
+
+
+def test_random_weights_leave_the_callers_seed_alone(tmp_path):
+    from engine import load_model
+
+    ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=32, vocab_size=40,
+              max_seq_len=64).save(tmp_path / "config.json")
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    load_model(str(tmp_path), torch.device("cpu"), torch.float32, random_weights=True)
+    assert torch.equal(torch.rand(3), want)
