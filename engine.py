@@ -20,6 +20,7 @@ Sampling noise is a hash of (seed, choice, position, token id): a seeded request
 same tokens whatever its batch-mates, the batch size and the slot it lands in.
 """
 
+import json
 import math
 import time
 from collections import deque
@@ -162,8 +163,6 @@ def load_model(checkpoint: str | None, device: torch.device, dtype: torch.dtype,
 
 def load_generation_config(checkpoint_dir: Path) -> dict:
     """The checkpoint's generation_config.json, {} where it has none."""
-    import json
-
     path = Path(checkpoint_dir) / "generation_config.json"
     if not path.exists():
         return {}

@@ -1,11 +1,12 @@
 """Decode speed of the embedded model on the CPU: the engine (fp16 and kivi2 caches) against
 transformers' generate on the same GGUF, float32, batch 1, greedy, in one run.
 
-    python benchmarks/cpu_vs_transformers.py [--new-tokens 128] [--repeats 3]
+    python benchmarks/cpu_vs_transformers.py [--new-tokens 128] [--repeats 3] [--compile]
 
 Engine: decode tokens/s of LLM.generate (its own clock: decode steps over their time).
 transformers: (time of N + 1 new tokens - time of 1) / N, so that prefill is not counted
-either. Each the best of --repeats runs after a warm-up.
+either. Each the best of --repeats runs after a warm-up. --compile adds kivi2 with the
+decode step compiled (its compilation in the warm-up).
 """
 
 import argparse
@@ -25,17 +26,19 @@ PROMPT = "The key to a good night's sleep is"
 p = argparse.ArgumentParser()
 p.add_argument("--new-tokens", type=int, default=128)
 p.add_argument("--repeats", type=int, default=3)
+p.add_argument("--compile", action="store_true", help="also kivi2 with the decode step compiled")
 args = p.parse_args()
 
 rates = {}
-for kv in ("fp16", "kivi2"):
-    llm = LLM(kv=kv, device="cpu", batch_size=1)
+for name, kv, compile in (("fp16", "fp16", False), ("kivi2", "kivi2", False),
+                          *((("kivi2 compiled", "kivi2", True),) if args.compile else ())):
+    llm = LLM(kv=kv, device="cpu", batch_size=1, compile=compile)
     llm.generate([PROMPT], max_new_tokens=8, temperature=0)
     best = 0.0
     for _ in range(args.repeats):
         llm.generate([PROMPT], max_new_tokens=args.new_tokens, temperature=0)
         best = max(best, llm.stats["decode_steps"] / llm.stats["decode_s"])
-    rates[kv] = best
+    rates[name] = best
     tokenizer = llm.tokenizer
 
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -57,4 +60,4 @@ with torch.inference_mode():
 print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, float32, batch 1, greedy, "
       f"{args.new_tokens} new tokens, best of {args.repeats}")
 for name, rate in rates.items():
-    print(f"{name:>12}: {rate:6.1f} tokens/s")
+    print(f"{name:>14}: {rate:6.1f} tokens/s")

@@ -43,7 +43,7 @@ import tp
 from generate import add_runtime_args, add_sampling_args, parse_batch_size, run_cli, runtime, sampling_from
 
 FSYNC_EVERY_S = 5.0
-SAMPLING = {f for f in SamplingParams.__dataclass_fields__}
+SAMPLING = set(SamplingParams.__dataclass_fields__)
 OPENAI_URLS = {"/v1/completions": "prompt", "/v1/chat/completions": "messages"}
 
 
