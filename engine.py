@@ -194,6 +194,18 @@ def uniform_noise(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
     return ((bits >> 8).float() + 0.5) * 2.0**-24
 
 
+@torch.library.custom_op("kivi::prefix_sum", mutates_args=())
+def prefix_sum(x: Tensor) -> Tensor:
+    """x.cumsum(-1), opaque to Inductor: for a vocabulary-long cumsum over a few rows it picks a
+    split scan, whose CUDA code generation fails in torch 2.11."""
+    return x.cumsum(-1)
+
+
+@prefix_sum.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
 def _filter(x: Tensor, top_k: Tensor, top_p: Tensor, mode: str) -> Tensor:
     """Mask all but each row's top_k [B] logits (0: all) and its top_p [B] nucleus (1: all).
     mode "top_k": every top_k <= TOP_K_CAP and no top_p, so torch.topk suffices; "sort"."""
@@ -205,7 +217,7 @@ def _filter(x: Tensor, top_k: Tensor, top_p: Tensor, mode: str) -> Tensor:
     sorted_x, order = x.sort(dim=-1, descending=True)
     probs = sorted_x.softmax(-1)
     rank = torch.arange(x.shape[-1], device=x.device)
-    nucleus = (top_p[:, None] < 1) & (probs.cumsum(-1) - probs > top_p[:, None])  # top_p 1: no rounding cut
+    nucleus = (top_p[:, None] < 1) & (prefix_sum(probs) - probs > top_p[:, None])  # top_p 1: no rounding cut
     drop = nucleus | ((top_k[:, None] > 0) & (rank >= top_k[:, None]))
     return x.scatter(-1, order, sorted_x.masked_fill(drop, off))
 
@@ -267,19 +279,22 @@ def setup_caches(model: Transformer, cache: CacheConfig, batch_size: int, max_se
 
 
 def prefill(model: Transformer, prompts: list[list[int]], slots: list[int]) -> Tensor:
-    """Prefill each prompt into its slot (prompts of one length together, PREFILL_TOKENS at
-    most a forward); returns each prompt's last logits [len(prompts), V] float32."""
+    """Prefill each prompt into its slot, prompts of any lengths packed together, up to
+    PREFILL_TOKENS tokens a forward (a longer prompt alone); returns each prompt's last logits
+    [len(prompts), V] float32."""
     device = model.tok_embeddings.weight.device
-    last = torch.empty(len(prompts), model.args.vocab_size, device=device)
-    for length in sorted({len(p) for p in prompts}):
-        same = [i for i, p in enumerate(prompts) if len(p) == length]
-        per_forward = max(1, PREFILL_TOKENS // length)
-        for j in range(0, len(same), per_forward):
-            idx = same[j : j + per_forward]
-            tokens = torch.tensor([prompts[i] for i in idx], device=device)
-            slot_idx = torch.tensor([slots[i] for i in idx], device=device)
-            last[torch.tensor(idx, device=device)] = model(tokens, slots=slot_idx, last_only=True)[:, -1]
-    return last
+    last = []
+    start = 0
+    while start < len(prompts):
+        end, n_tokens = start + 1, len(prompts[start])
+        while end < len(prompts) and n_tokens + len(prompts[end]) <= PREFILL_TOKENS:
+            n_tokens += len(prompts[end])
+            end += 1
+        tokens = torch.tensor([[t for p in prompts[start:end] for t in p]], device=device)  # [1, n_tokens]
+        slot_idx = torch.tensor(slots[start:end], device=device)
+        last.append(model(tokens, slots=slot_idx, seq_lens=[len(p) for p in prompts[start:end]], last_only=True)[0])
+        start = end
+    return torch.cat(last)
 
 
 def plan_batch_size(requested: int | str, model_args: ModelArgs, cache: CacheConfig, seq_len: int,
@@ -349,7 +364,7 @@ def run_jobs(model: Transformer, tokenizer: Tokenizer | None, jobs: list[_Job], 
     _sync(device)
     stats["warmup_s"] = stats.get("warmup_s", 0.0) + time.perf_counter() - t0
     while pending or any(job is not None for job in slots):
-        fresh = set()
+        fresh = []  # slots prefilled in this round
         t0 = time.perf_counter()  # the device is idle here: the last window ended with its tokens read
         if refill or all(job is None for job in slots):
             for b in range(B):
@@ -362,14 +377,16 @@ def run_jobs(model: Transformer, tokenizer: Tokenizer | None, jobs: list[_Job], 
                             window[b, 0], input_pos[b] = job.prompt[pos], pos
                             step(model, window[:, :1], input_pos, temperature, top_k, top_p, seed, "greedy")
                         window[b, 0], input_pos[b] = job.prompt[-1], len(job.prompt) - 1
-                        continue
-                    fresh.add(b)
-                    input_pos[b] = len(job.prompt) - 1  # the position whose logits choose the first token
-                    logits = prefill(model, [job.prompt], [b])
-                    first, logprob = sample(logits, *(t[b : b + 1] for t in (temperature, top_k, top_p, seed, input_pos)),
-                                            filter_mode([p]))
-                    window[b, 0], window_logprobs[b, 0] = first[0], logprob[0]
-                    input_pos[b] = len(job.prompt)
+                    else:
+                        fresh.append(b)
+        if fresh:  # one prefill for every new prompt, then their first tokens, each from its own logits
+            logits = prefill(model, [slots[b].prompt for b in fresh], fresh)
+            rows = torch.tensor(fresh, device=device)
+            last_pos = torch.tensor([len(slots[b].prompt) - 1 for b in fresh], device=device)
+            first, logprob = sample(logits, temperature[rows], top_k[rows], top_p[rows], seed[rows], last_pos,
+                                    filter_mode([slots[b].params for b in fresh]))
+            window[rows, 0], window_logprobs[rows, 0] = first, logprob
+            input_pos[rows] = last_pos + 1
         _sync(device)
         t1 = time.perf_counter()
         stats["prefill_s"] = stats.get("prefill_s", 0.0) + t1 - t0

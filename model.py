@@ -6,13 +6,16 @@ sequential (Llama, Mistral, Qwen) or parallel (Falcon) blocks, optional tied emb
 The KV cache is a separate module each attention layer calls through two methods:
     cache.prefill(slots, k, v)          k, v [n, kv_heads, T, head_dim], positions 0..T-1
     cache.decode(q, k, v, input_pos)    q [B, heads, D], k, v [B, kv_heads, D] -> [B, heads, D]
-Prefill attends in full precision over the prompt itself; decode appends the new token of
-every slot at its own position `input_pos[b]` and attends over positions 0..input_pos[b].
+Prefill takes several prompts of different lengths packed into one row of tokens and attends
+in full precision within each prompt (varlen flash attention on the GPU); decode appends the
+new token of every slot at its own position `input_pos[b]` and attends over positions
+0..input_pos[b].
 
 Weights use the Hugging Face q/k layout for RoPE (rotate-half: the two halves of each head
 are the real and imaginary parts), so HF checkpoints need no permutation.
 """
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -234,11 +237,11 @@ def _llama3_frequencies(inv_freq: Tensor, scaling: dict) -> Tensor:
 
 
 def dynamic_frequencies(args: ModelArgs, inv_freq: Tensor, seq_len: Tensor) -> Tensor:
-    """Dynamic NTK scaling: inv_freq [D/2] for sequences of seq_len [B or 1, 1] tokens ->
-    [B or 1, 1, D/2]. Past the original context the RoPE base grows to
+    """Dynamic NTK scaling: inv_freq [D/2] for positions in sequences of seq_len [B or 1, T or 1]
+    tokens -> [B or 1, T or 1, D/2]. Past the original context the RoPE base grows to
     base * (factor * seq_len / context - (factor - 1)) ** (D / (D - 2)); up to it, no change."""
     factor, context = args.rope_scaling["factor"], args.rope_scaling["original_max_position_embeddings"]
-    stretch = (factor * seq_len / context - (factor - 1)).clamp(min=1)[..., None]  # [B or 1, 1, 1]
+    stretch = (factor * seq_len / context - (factor - 1)).clamp(min=1)[..., None]  # [B or 1, T or 1, 1]
     exponent = torch.arange(0, args.head_dim, 2, device=inv_freq.device) / (args.head_dim - 2)
     return inv_freq * stretch ** -exponent
 
@@ -278,6 +281,33 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     return torch.cat(out, dim=2)
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+    """q [B, heads, T, D], k, v [B, kv_heads, T, D] -> [B, heads, T, D]; window 0: none."""
+    with sdpa_kernel(PREFILL_ATTENTION):
+        if 0 < window < q.shape[2]:
+            # with a mask, grouped kv heads would take SDPA's math path: expand them
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+            return windowed_attention(q, k, v, window)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: list[int], window: int) -> Tensor:
+    """Causal attention within each of several packed sequences: q [N, heads, D], k, v
+    [N, kv_heads, D], sequence i the next seq_lens[i] rows -> [N, heads, D]. On CUDA in 16-bit
+    floats one varlen flash-attention call (kv heads grouped natively; the window as flash's
+    left size W - 1: query i sees keys i - W + 1 .. i); elsewhere causal_attention a sequence."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        cu_lens = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=q.device)
+        longest = max(seq_lens)
+        left, right = (window - 1, 0) if window > 0 else (None, None)
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_lens, cu_lens, longest, longest, 0.0, True, False, window_size_left=left, window_size_right=right,
+        )[0]
+    out = [causal_attention(*(t.transpose(0, 1)[None] for t in qkv), window)[0].transpose(0, 1)
+           for qkv in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens))]
+    return torch.cat(out)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -289,7 +319,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.kv_cache: nn.Module | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, slots: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, slots: Tensor | None,
+                seq_lens: list[int] | None) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -302,16 +333,13 @@ class Attention(nn.Module):
         if input_pos is not None:  # decode: one new token per slot, through the cache
             y = self.kv_cache.decode(q[:, 0], k[:, 0], v[:, 0], input_pos)  # [B, heads, D]
             return self.wo(y.reshape(B, 1, q_size))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        if slots is not None:
-            self.kv_cache.prefill(slots, k, v)
-        with sdpa_kernel(PREFILL_ATTENTION):
-            if 0 < self.sliding_window < T:
-                # with a mask, grouped kv heads would take SDPA's math path: expand them
-                k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
-                y = windowed_attention(q, k, v, self.sliding_window)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        if slots is not None:  # prefill: B == 1, the prompts packed along T
+            for i, (start, length) in enumerate(zip(itertools.accumulate(seq_lens, initial=0), seq_lens)):
+                prompt_kv = (t[0, start : start + length].transpose(0, 1)[None] for t in (k, v))  # [1, kv_heads, T_i, D]
+                self.kv_cache.prefill(slots[i : i + 1], *prompt_kv)
+            y = packed_attention(q[0], k[0], v[0], seq_lens, self.sliding_window)  # [T, heads, D]
+            return self.wo(y.reshape(1, T, q_size))
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.sliding_window)
         return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
 
 
@@ -339,10 +367,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = make_norm(args)
         self.ffn_norm = None if args.shared_norm else make_norm(args)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, slots: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, slots: Tensor | None,
+                seq_lens: list[int] | None) -> Tensor:
         # under tensor parallelism attention and MLP give this rank's partial sums (tp.py)
         h = self.attention_norm(x)
-        attn = self.attention(h, cos, sin, input_pos, slots)
+        attn = self.attention(h, cos, sin, input_pos, slots, seq_lens)
         if self.parallel:
             return x + tp.all_reduce(attn + self.feed_forward(h if self.ffn_norm is None else self.ffn_norm(x)))
         h = x + tp.all_reduce(attn)
@@ -364,31 +393,48 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = make_cache()
 
-    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def rope(self, positions: Tensor, seq_len: Tensor) -> tuple[Tensor, Tensor]:
         """positions [B or 1, T] -> cos, sin [B or 1, T, 1, D/2]. Dynamic scaling takes the
-        frequencies of each row's sequence up to its last position (decode: the slot's length)."""
+        frequencies of each position's sequence length seq_len [B or 1, T or 1]."""
         inv_freq = self.inv_freq
         if self.args.rope_type == "dynamic":
-            inv_freq = dynamic_frequencies(self.args, inv_freq, positions[:, -1:] + 1)  # [B or 1, 1, D/2]
+            inv_freq = dynamic_frequencies(self.args, inv_freq, seq_len)  # [B or 1, T or 1, D/2]
         angles = positions.float()[..., None] * inv_freq  # [B or 1, T, D/2]
         return angles.cos()[:, :, None], angles.sin()[:, :, None]
 
     def forward(
-        self, tokens: Tensor, input_pos: Tensor | None = None, slots: Tensor | None = None, last_only: bool = False
+        self, tokens: Tensor, input_pos: Tensor | None = None, slots: Tensor | None = None,
+        seq_lens: list[int] | None = None, last_only: bool = False,
     ) -> Tensor:
-        """tokens [B, T] -> logits [B, T, vocab] (float32); [B, 1, vocab] with last_only.
+        """tokens [B, T] -> logits [B, T, vocab] (float32); with last_only, each sequence's last.
 
         input_pos None, slots None: plain causal forward over positions 0..T-1, no cache.
-        slots [B]: prefill of B prompts into those cache slots (positions 0..T-1).
+        slots [n], seq_lens (n lengths summing to T): prefill of n prompts packed in tokens
+            [1, T], prompt i into cache slot slots[i] at positions 0..seq_lens[i]-1; with
+            last_only, logits [1, n, vocab].
         input_pos [B]: decode, T == 1, slot b's token at position input_pos[b].
         """
         B, T = tokens.shape
-        positions = input_pos[:, None] if input_pos is not None else torch.arange(T, device=tokens.device)[None]
-        cos, sin = self.rope(positions)
+        if input_pos is not None:
+            positions = input_pos[:, None]
+            seq_len = positions + 1
+        elif slots is not None:
+            if B != 1 or sum(seq_lens) != T or len(seq_lens) != len(slots):
+                raise ValueError(f"prefill packs prompts in one row: tokens {list(tokens.shape)}, "
+                                 f"{len(slots)} slots, lengths summing to {sum(seq_lens)}")
+            positions = torch.cat([torch.arange(n) for n in seq_lens]).to(tokens.device)[None]
+            seq_len = torch.cat([torch.full((n,), n) for n in seq_lens]).to(tokens.device)[None]
+        else:
+            positions = torch.arange(T, device=tokens.device)[None]
+            seq_len = positions[:, -1:] + 1
+        cos, sin = self.rope(positions, seq_len)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, slots)
-        x = self.norm(x[:, -1:] if last_only else x)
+            x = layer(x, cos, sin, input_pos, slots, seq_lens)
+        if last_only:
+            ends = list(itertools.accumulate(seq_lens)) if slots is not None else [T]
+            x = x[:, [end - 1 for end in ends]]
+        x = self.norm(x)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(x, weight).float()
 

@@ -69,8 +69,9 @@ def max_batch_size(args: ModelArgs, cache: CacheConfig, seq_len: int, dtype: tor
 
 def device_budget(device: torch.device) -> int:
     """Memory the planner may fill: the device's total on CUDA, less what other processes
-    hold; on CPU, the machine's available memory."""
+    hold (this process's cached allocator blocks count as its own); on CPU, the machine's
+    available memory."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_allocated(device)
+        return free + torch.cuda.memory_reserved(device)
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -8,7 +8,11 @@ gives one) built with random weights: speed does not depend on their values. Eac
 runs a short warm-up generation (compilation and CUDA-graph capture), then a timed one on
 the same caches; the compiled step is reset between points, so each batch gets its own graph
 and no memory of an earlier one. A batch the memory planner says cannot fit is reported as
-such and not run; `auto` is the planner's largest batch. Writes a table, a JSON file and a
+such and not run; `auto` is the planner's largest batch. --skip-prefill leaves prefill out
+(for the largest batches, whose prefill would take longer than the decode measured): each
+slot decodes from position --prompt-len over what its fresh cache holds (zeros), which costs
+what a prefilled cache costs, since no kernel's time depends on the cached values; the
+first token comes from uniform logits. Writes a table, a JSON file and a
 PNG of throughput and peak memory against batch size per mode. The JSON is rewritten after
 every point, and a run with the same settings and --out keeps the points already there:
 an interrupted sweep resumes, and one split into several runs (one --kv mode each, say)
@@ -16,10 +20,12 @@ ends in one file and one plot.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,15 +40,21 @@ from model import Transformer
 from planner import device_budget, max_batch_size, planned_bytes
 
 
+def no_prefill(model: Transformer, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+    """engine.prefill's stand-in under --skip-prefill: writes nothing, returns uniform logits."""
+    return torch.zeros(len(prompts), model.args.vocab_size, device=model.tok_embeddings.weight.device)
+
+
 def run_point(model: Transformer, cache: CacheConfig, batch_size: int, prompt_len: int, gen_len: int,
-              compile: bool | None) -> dict:
+              compile: bool | None, skip_prefill: bool) -> dict:
     """One static batch of random prompts, greedy, no EOS: decode tokens/s over the steps run."""
     device = model.tok_embeddings.weight.device
     prompts = torch.randint(0, model.args.vocab_size, (batch_size, prompt_len)).tolist()
     llm = LLM.from_model(model, cache=cache, batch_size=batch_size, compile=compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    llm.generate([{"prompt": p} for p in prompts], max_new_tokens=gen_len, temperature=0)
+    with mock.patch("engine.prefill", no_prefill) if skip_prefill else contextlib.nullcontext():
+        llm.generate([{"prompt": p} for p in prompts], max_new_tokens=gen_len, temperature=0)
     stats = llm.stats
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     kv_bytes = sum(b.numel() * b.element_size() for layer in model.layers for b in layer.attention.kv_cache.buffers())
@@ -85,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     add_runtime_args(p)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--memory-budget", type=float, help="GB the planner may fill (default: the device's memory)")
+    p.add_argument("--skip-prefill", action="store_true", help="decode from --prompt-len without prefilling (see above)")
     p.add_argument("--out", type=Path, default=Path("results/benchmark"), help="writes OUT.json and OUT.png")
     args = p.parse_args(argv)
 
@@ -106,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"checkpoint": args.checkpoint, "random_weights": args.random_weights,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "dtype": str(dtype), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "budget_gb": budget / 1e9}
+    if args.skip_prefill:
+        meta["skip_prefill"] = True
     if tp.world_size() > 1:
         meta["ranks"] = tp.world_size()
     json_path = args.out.with_suffix(".json")
@@ -132,7 +147,12 @@ def main(argv: list[str] | None = None) -> None:
             point = done[key] | {"auto": point["auto"] or done[key]["auto"]}
         elif point["fits"]:
             torch._dynamo.reset()
-            point.update(run_point(model, cache, point["batch_size"], args.prompt_len, args.gen_len, args.compile))
+            if point["auto"] and not args.memory_budget:  # earlier points' kernels and graphs take a little device memory
+                now = max_batch_size(model.args, cache, seq_len, dtype, device_budget(device))
+                if now < point["batch_size"]:
+                    point.update(batch_size=now, planned_peak_gb=planned_bytes(model.args, cache, seq_len, dtype, now) / 1e9)
+            point.update(run_point(model, cache, point["batch_size"], args.prompt_len, args.gen_len, args.compile,
+                                   args.skip_prefill))
         results.append(point)
         if writer:
             json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

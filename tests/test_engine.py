@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from engine import LLM, SamplingParams, filter_mode, sample, uniform_noise
+from engine import LLM, SamplingParams, filter_mode, prefill, sample, setup_caches, uniform_noise
 from kivi_cache import CacheConfig
 from model import ModelArgs, build_model
 
@@ -51,6 +51,31 @@ def test_greedy_equals_full_forward_argmax_and_logprobs_are_the_models(tiny_mode
         assert c.token_ids == logits.argmax(-1).tolist()
         want = logits.log_softmax(-1).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(c.logprobs), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv", ["fp16", "kivi2"])
+def test_packed_prefill_equals_one_prompt_a_forward(tiny_model, kv, monkeypatch):
+    """Prompts of different lengths in one forward (and split over forwards at PREFILL_TOKENS)
+    fill each slot's cache and give each prompt's last logits as prefilling it alone does."""
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 95, (n,), generator=gen).tolist() for n in (1, 40, 130, 77, 200)]
+    slots = [3, 0, 4, 1, 2]
+    cache = CacheConfig(kv, group_size=16, residual_len=32)
+    monkeypatch.setattr("engine.PREFILL_TOKENS", 256)  # two forwards: 1 + 40 + 130 + 77, then 200
+    setup_caches(tiny_model, cache, 5, 210)
+    buffers = [b for layer in tiny_model.layers for b in layer.attention.kv_cache.buffers()]
+    results = []
+    for groups in ([prompts], [[p] for p in prompts]):
+        for b in buffers:
+            b.zero_()  # fresh caches
+        with torch.inference_mode():
+            logits = torch.cat([prefill(tiny_model, group, slots[i : i + len(group)])
+                                for i, group in zip(range(0, 5, len(groups[0])), groups)])
+        results.append((logits, [b.clone() for b in buffers]))
+    (packed, packed_buffers), (alone, alone_buffers) = results
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    for a, b in zip(packed_buffers, alone_buffers):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_generation_stops_at_eos(tiny_model):

@@ -127,14 +127,16 @@ def test_windowed_attention_in_chunks_equals_the_dense_mask(T, window):
     torch.testing.assert_close(windowed_attention(q, k, v, window), dense, rtol=1e-5, atol=1e-5)
 
 
-def test_windowed_prefill_equals_full_forward(hf_family):
+def test_windowed_packed_prefill_equals_full_forward(hf_family):
     model = engine_model(hf_family("mistral-window")[0])
     assert model.args.sliding_window == WINDOW and all(layer.attention.sliding_window == WINDOW for layer in model.layers)
-    tokens = torch.randint(0, VOCAB, (2, 3 * WINDOW + 1), generator=torch.Generator().manual_seed(2))
-    setup_caches(model, CacheConfig("fp16"), 2, tokens.shape[1])
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, VOCAB, (1, n), generator=gen) for n in (3 * WINDOW + 1, WINDOW - 5, 2 * WINDOW)]
+    setup_caches(model, CacheConfig("fp16"), 3, 3 * WINDOW + 1)
     with torch.inference_mode():
-        last = model(tokens, slots=torch.tensor([1, 0]), last_only=True)[:, -1]
-        full = model(tokens)[:, -1]
+        last = model(torch.cat(prompts, 1), slots=torch.tensor([1, 0, 2]), seq_lens=[p.shape[1] for p in prompts],
+                     last_only=True)[0]
+        full = torch.cat([model(p)[:, -1] for p in prompts])
     assert (last - full).abs().max().item() < 1e-5
 
 

@@ -178,6 +178,23 @@ def test_decode_attention_tensor_cores_splits(nan_allocations, num_splits):
                     tensor_cores=True)
 
 
+@GPU
+@pytest.mark.parametrize("Hq, H, D, window", [(32, 8, 128, 0), (71, 1, 64, 100), (8, 8, 128, 257)])
+def test_packed_prefill_attention_flash_varlen(Hq, H, D, window):
+    """Prefill's varlen flash attention over packed prompts equals causal attention prompt by
+    prompt in float32 (kv heads grouped, windows shorter and longer than prompts)."""
+    from model import causal_attention, packed_attention
+
+    lengths = [1, 77, 300, 513, 64]
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(sum(lengths), h, D, generator=g) for h in (Hq, H, H))
+    out = packed_attention(*(t.to(DEVICE, torch.bfloat16) for t in (q, k, v)), lengths, window).float().cpu()
+    for i, n in enumerate(lengths):
+        start = sum(lengths[:i])
+        want = causal_attention(*(t[start : start + n].transpose(0, 1)[None] for t in (q, k, v)), window)[0]
+        torch.testing.assert_close(out[start : start + n], want.transpose(0, 1), rtol=2e-2, atol=2e-2)
+
+
 def test_plain_cache(nan_allocations):
     """The fp16 cache: n_q = 0, a ring of R = max_seq_len, empty sinks and packed store."""
     B, H, Hq, D, L = 3, 2, 6, 64, 300

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kivi_cache import CacheConfig
-from model import ModelArgs
+from model import ModelArgs, Transformer
 from planner import planned_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -44,6 +44,22 @@ def test_benchmark_runs_points_and_reports_what_does_not_fit(tmp_path):
     assert next(r for r in again if (r["kv"], r["batch_size"]) == ("fp16", 1)) == by_point[("fp16", 1)]
     with pytest.raises(ValueError, match="other settings"):
         benchmark.main(common + ["--kv", "fp16", "--gen-len", "7", "--batch-size", "1"])
+
+
+def test_benchmark_skip_prefill_decodes_from_the_prompt_length_without_a_forward(tmp_path, monkeypatch):
+    shape = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128, vocab_size=64, max_seq_len=256)
+    (tmp_path / "tiny").mkdir()
+    shape.save(tmp_path / "tiny" / "config.json")
+    forwards = []
+    original = Transformer.forward
+    monkeypatch.setattr(Transformer, "forward", lambda self, tokens, *a, **k: forwards.append(tokens.shape) or
+                        original(self, tokens, *a, **k))
+    out = tmp_path / "bench"
+    benchmark.main(["--checkpoint", str(tmp_path / "tiny"), "--random-weights", "--kv", "kivi2", "--device", "cpu",
+                    "--prompt-len", "150", "--gen-len", "5", "--batch-size", "2", "--skip-prefill", "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["meta"]["skip_prefill"] and data["results"][0]["tokens_per_s"] > 0
+    assert set(forwards) == {(2, 1)}  # decode steps only
 
 
 def test_needle_eval_runs_on_the_embedded_model(tmp_path):
