@@ -55,7 +55,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 T = gl.constexpr(32)  # tokens a block
 HM = gl.constexpr(16)  # query-head rows of the score MMA
 TAU = gl.constexpr(8.0)
-STAGES = gl.constexpr(3)  # blocks in flight in the shared-memory ring
+STAGES = gl.constexpr(4)  # blocks in flight in the shared-memory ring
 
 
 @gluon.constexpr_function
@@ -263,23 +263,38 @@ def _allocate_ring(D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr, BITS_
 
 
 @gluon.jit
-def _copy_block(ring, stage, KP, KS, VP, VS, t0, D: gl.constexpr, G: gl.constexpr,
-                BITS_K: gl.constexpr, BITS_V: gl.constexpr):
-    """Start the copies of block t0 into `stage` of the ring, one commit group. Each tile is
-    copied in the register layout _read_block reads it in. Key words: word tig * WPT + w of
-    each token; value words: word (c % 8) * WPG + w of each token pair."""
+def _tile_offsets(D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr, BITS_V: gl.constexpr):
+    """Each lane's element offsets into one block's tiles, from the block's first element: the
+    same for every block, so computed once (a block's addresses are then its scalar base plus
+    these, one wide multiply-add an element). Key words: word tig * WPT + w of each token; value
+    words: word (c % 8) * WPG + w of each token pair; v_scale as words; v_min as _load_value_min
+    reads it, with its mask (rows past the value groups are the operand's zero padding)."""
     NGV: gl.constexpr = D // G
     WPT: gl.constexpr = D * BITS_K // 128
     WPG: gl.constexpr = D * BITS_V // 128
     w, tig, t = _grid3(WPT, 4, T, _key_tile_layout(D, BITS_K))
-    async_copy.async_copy_global_to_shared(ring[0].index(stage), KP + (t0 + t) * (4 * WPT) + tig * WPT + w)
+    key = t * (4 * WPT) + tig * WPT + w
     quarter, col = _grid2(4, D // 4, _quarters_layout(D))
-    async_copy.async_copy_global_to_shared(ring[1].index(stage), KS + t0 // G * D + quarter * (D // 4) + col)
+    k_scale = quarter * (D // 4) + col
     w, cls, pair = _grid3(WPG, 8, T // 2, _value_tile_layout(D, BITS_V))
-    async_copy.async_copy_global_to_shared(ring[2].index(stage), VP + (t0 // 2 + pair) * (8 * WPG) + cls * WPG + w)
+    value = pair * (8 * WPG) + cls * WPG + w
+    v_scale = gl.arange(0, T * NGV // 2, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    vrow, vtok = _grid2(HM, T, OP_A)
+    return key, k_scale, value, v_scale, vtok * NGV + vrow, vrow < NGV
+
+
+@gluon.jit
+def _copy_block(ring, stage, offsets, KP, KS, VP, VS, t0, D: gl.constexpr, G: gl.constexpr,
+                BITS_K: gl.constexpr, BITS_V: gl.constexpr):
+    """Start the copies of block t0 into `stage` of the ring, one commit group. Each tile is
+    copied in the register layout _read_block reads it in (offsets from _tile_offsets)."""
+    NGV: gl.constexpr = D // G
+    key, k_scale, value, v_scale, _, _ = offsets
+    async_copy.async_copy_global_to_shared(ring[0].index(stage), (KP + t0 * (D * BITS_K // 32)) + key)
+    async_copy.async_copy_global_to_shared(ring[1].index(stage), (KS + t0 // G * D) + k_scale)
+    async_copy.async_copy_global_to_shared(ring[2].index(stage), (VP + t0 * (D * BITS_V // 32)) + value)
     # v_scale's T * NGV values are contiguous: copied as words (cp.async moves 4 bytes at least)
-    word = gl.arange(0, T * NGV // 2, layout=gl.BlockedLayout([1], [32], [1], [0]))
-    async_copy.async_copy_global_to_shared(ring[3].index(stage), (VS + t0 * NGV).to(gl.pointer_type(gl.int32)) + word)
+    async_copy.async_copy_global_to_shared(ring[3].index(stage), (VS + t0 * NGV).to(gl.pointer_type(gl.int32)) + v_scale)
     async_copy.commit_group()
 
 
@@ -312,11 +327,11 @@ def _key_min_operand(KM, g0, NG: gl.constexpr, D: gl.constexpr):
 
 
 @gluon.jit
-def _load_value_min(VM, t0, NGV: gl.constexpr):
+def _load_value_min(VM, t0, offsets, NGV: gl.constexpr):
     """v_min of block t0 as the [HM, T] A operand (rows = value groups, the rest zero). Read
     from global memory into registers: the padded operand has no cp.async-sized pieces."""
-    vrow, vtok = _grid2(HM, T, OP_A)
-    return gl.load(VM + (t0 + vtok) * NGV + vrow, mask=vrow < NGV, other=0.0)
+    _, _, _, _, v_min, in_groups = offsets
+    return gl.load((VM + t0 * NGV) + v_min, mask=in_groups, other=0.0)
 
 
 @gluon.jit
@@ -459,9 +474,10 @@ def _mma_kernel(
     spos = gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(0, SL)), 0)  # [1, T] token of a score column
     ring = _allocate_ring(D, G, BITS_K, BITS_V, DTYPE)
     last = q_end - T  # copies past the end fetch the last block again: every iteration commits one group
+    offsets = _tile_offsets(D, G, BITS_K, BITS_V)
     for i in gl.static_range(STAGES - 1):
-        _copy_block(ring, i, KP, KS, VP, VS, gl.minimum(start + i * T, last), D, G, BITS_K, BITS_V)
-    v_min_next = _load_value_min(VM, start, NGV)
+        _copy_block(ring, i, offsets, KP, KS, VP, VS, gl.minimum(start + i * T, last), D, G, BITS_K, BITS_V)
+    v_min_next = _load_value_min(VM, start, offsets, NGV)
     bias8 = gl.zeros([HM, 8], gl.float32, MMA)  # [heads, key groups]: q . k_min
     bias_col = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, MMA)), 0)
     for it in range((q_end - start) // T):
@@ -470,8 +486,8 @@ def _mma_kernel(
         gl.thread_barrier()  # ... for every lane; and every lane is done reading the stage refilled next
         kw, ks_raw, vw, vs_raw = _read_block(ring, it % STAGES, D, G, BITS_K, BITS_V, DTYPE)
         v_min = v_min_next
-        v_min_next = _load_value_min(VM, gl.minimum(t0 + T, last), NGV)
-        _copy_block(ring, (it + STAGES - 1) % STAGES, KP, KS, VP, VS,
+        v_min_next = _load_value_min(VM, gl.minimum(t0 + T, last), offsets, NGV)
+        _copy_block(ring, (it + STAGES - 1) % STAGES, offsets, KP, KS, VP, VS,
                     gl.minimum(t0 + (STAGES - 1) * T, last), D, G, BITS_K, BITS_V)
 
         k_scale = _kappa_order(ks_raw, D, gl.SliceLayout(0, _query_layout(HN, D)))

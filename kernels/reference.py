@@ -108,7 +108,7 @@ def decode_attention_reference(
     if longest <= chunk:  # one chunk: a plain masked attention
         keys, values, dead = _positions(0, longest, store, lengths, n_quantized, bits_k, bits_v, group_size, window)
         out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=~dead.transpose(2, 3), scale=1.0)
-        return out.view(B, Hq, D).to(q.dtype)
+        return out.reshape(B, Hq, D).to(q.dtype)  # SDPA may return it strided
     m = torch.full((B, H, Hq // H), float("-inf"), device=q.device)
     denom = torch.zeros_like(m)
     acc = torch.zeros(B, H, Hq // H, D, device=q.device)
