@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-import kernels  # noqa: F401  registers torch.ops.kivi
+import kernels  # registers torch.ops.kivi
 from quantize_kv import check_bits
 
 
@@ -96,10 +96,10 @@ class StaticCache(nn.Module):
         self.v_cache[slots, :, :T] = v
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-        torch.ops.kivi.append(self.k_cache, self.v_cache, k, v, input_pos)
+        kernels.call("append", self.k_cache, self.v_cache, k, v, input_pos)
         lengths = (input_pos + 1).to(torch.int32)
         e, c = self.empty, self.empty_codes
-        return torch.ops.kivi.decode_attention(
+        return kernels.call("decode_attention",
             q, self.k_cache, self.v_cache, e, e, c, e, e, c, e, e,
             lengths, torch.zeros_like(lengths), 2, 2, 32, q.shape[-1] ** -0.5, self.window,
         )
@@ -152,7 +152,7 @@ class KiviCache(nn.Module):
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Append k, v [B, H, D] at input_pos [B], flush full rings, attend q [B, Hq, D]."""
-        torch.ops.kivi.append(self.k_ring, self.v_ring, k, v, input_pos)
+        kernels.call("append", self.k_ring, self.v_ring, k, v, input_pos)
         if self.n_sink > 0:  # branch-free: slots past their sinks rewrite a sink unchanged
             rows = torch.arange(q.shape[0], device=q.device)
             sink_idx = input_pos.clamp(max=self.n_sink - 1)
@@ -160,11 +160,11 @@ class KiviCache(nn.Module):
             self.k_sink[rows, :, sink_idx] = torch.where(is_sink, k, self.k_sink[rows, :, sink_idx])
             self.v_sink[rows, :, sink_idx] = torch.where(is_sink, v, self.v_sink[rows, :, sink_idx])
         lengths = (input_pos + 1).to(torch.int32)
-        torch.ops.kivi.flush(
+        kernels.call("flush",
             self.k_ring, self.v_ring, self.k_packed, self.k_scale, self.k_min, self.v_packed, self.v_scale,
             self.v_min, lengths, self.bits_k, self.bits_v, self.group_size, self.n_sink,
         )
-        return torch.ops.kivi.decode_attention(
+        return kernels.call("decode_attention",
             q, self.k_ring, self.v_ring, self.k_sink, self.v_sink, self.k_packed, self.k_scale, self.k_min,
             self.v_packed, self.v_scale, self.v_min, lengths, n_quantized(lengths, self.residual_len, self.group_size),
             self.bits_k, self.bits_v, self.group_size, q.shape[-1] ** -0.5, self.window,

@@ -5,8 +5,8 @@ transformers' generate on the same GGUF, float32, batch 1, greedy, in one run.
 
 Engine: decode tokens/s of LLM.generate (its own clock: decode steps over their time).
 transformers: (time of N + 1 new tokens - time of 1) / N, so that prefill is not counted
-either. Each the best of --repeats runs after a warm-up. --compile adds kivi2 with the
-decode step compiled (its compilation in the warm-up).
+either. Each the best of --repeats rounds after a warm-up, a round running every path in
+turn. --compile adds kivi2 with the decode step compiled (its compilation in the warm-up).
 """
 
 import argparse
@@ -29,17 +29,10 @@ p.add_argument("--repeats", type=int, default=3)
 p.add_argument("--compile", action="store_true", help="also kivi2 with the decode step compiled")
 args = p.parse_args()
 
-rates = {}
-for name, kv, compile in (("fp16", "fp16", False), ("kivi2", "kivi2", False),
-                          *((("kivi2 compiled", "kivi2", True),) if args.compile else ())):
-    llm = LLM(kv=kv, device="cpu", batch_size=1, compile=compile)
-    llm.generate([PROMPT], max_new_tokens=8, temperature=0)
-    best = 0.0
-    for _ in range(args.repeats):
-        llm.generate([PROMPT], max_new_tokens=args.new_tokens, temperature=0)
-        best = max(best, llm.stats["decode_steps"] / llm.stats["decode_s"])
-    rates[name] = best
-    tokenizer = llm.tokenizer
+engines = {name: LLM(kv=kv, device="cpu", batch_size=1, compile=compile)
+           for name, kv, compile in (("fp16", "fp16", False), ("kivi2", "kivi2", False),
+                                     *((("kivi2 compiled", "kivi2", True),) if args.compile else ()))}
+tokenizer = engines["fp16"].tokenizer
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -54,9 +47,24 @@ def seconds(n: int) -> float:
     return time.perf_counter() - t0
 
 
-with torch.inference_mode():
-    seconds(8)
-    rates["transformers"] = max(args.new_tokens / (seconds(args.new_tokens + 1) - seconds(1)) for _ in range(args.repeats))
+def engine_rate(llm: LLM, n: int) -> float:
+    llm.generate([PROMPT], max_new_tokens=n, temperature=0)
+    return llm.stats["decode_steps"] / llm.stats["decode_s"]
+
+
+def transformers_rate(n: int) -> float:
+    with torch.inference_mode():
+        return n / (seconds(n + 1) - seconds(1))
+
+
+measure = {**{name: lambda n, llm=llm: engine_rate(llm, n) for name, llm in engines.items()},
+           "transformers": transformers_rate}
+for f in measure.values():  # warm-up (and the compilation of the compiled step)
+    f(8)
+rates = dict.fromkeys(measure, 0.0)
+for _ in range(args.repeats):  # rounds interleave the runs, so that a slower spell of the machine hits all alike
+    for name, f in measure.items():
+        rates[name] = max(rates[name], f(args.new_tokens))
 print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, float32, batch 1, greedy, "
       f"{args.new_tokens} new tokens, best of {args.repeats}")
 for name, rate in rates.items():

@@ -31,6 +31,15 @@ def hide_sinks(k: Tensor, first_pos: Tensor, n_sink: int) -> Tensor:
     return torch.where((pos < n_sink)[:, None, :, None], k[:, :, n_sink : n_sink + 1], k)
 
 
+def append_reference(k_ring: Tensor, v_ring: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> None:
+    """Write each slot's new token, k, v [B, H, D], at ring index input_pos % R (a plain cache
+    is a ring of R = max_seq_len)."""
+    rows = torch.arange(k.shape[0], device=k.device)
+    idx = input_pos % k_ring.shape[2]
+    k_ring[rows, :, idx] = k
+    v_ring[rows, :, idx] = v
+
+
 def flush_reference(
     k_ring: Tensor, v_ring: Tensor,
     k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
@@ -45,11 +54,11 @@ def flush_reference(
     """
     B, H, R, D = k_ring.shape
     G = group_size
+    if not any(n >= R and (n - R) % G == 0 for n in lengths.tolist()):
+        return
     lengths = lengths.long()
     start = (lengths - R).clamp(min=0) // G * G  # [B]
     due = (lengths >= R) & ((lengths - R) % G == 0)  # [B]
-    if not bool(due.any()):
-        return
     ring_idx = ((start[:, None] + torch.arange(G, device=k_ring.device)) % R)[:, None, :, None]  # [B, 1, G, 1]
     k = k_ring.gather(2, ring_idx.expand(B, H, G, D))  # [B, H, G, D]
     v = v_ring.gather(2, ring_idx.expand(B, H, G, D))
