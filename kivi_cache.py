@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-import kernels  # registers torch.ops.kivi
+import kernels  # registers torch.ops.kivi; kernels.call calls them
 from quantize_kv import check_bits
 
 

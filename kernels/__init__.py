@@ -104,8 +104,8 @@ _REFERENCE = {"decode_attention": decode_attention_reference, "flush": flush_ref
 
 def call(name: str, *args):
     """torch.ops.kivi.<name>(*args), except in eager mode on the CPU, where the reference is
-    called directly: the op's dispatch (schema checks, mutation bookkeeping) costs 0.1-0.2 ms
-    a call there, more than the work at batch 1 (three calls a layer a token)."""
+    called directly: there the op's dispatch (schema checks, mutation bookkeeping) costs more
+    than the work at batch 1 (three calls a layer a token)."""
     if args[0].is_cpu and not torch.compiler.is_compiling():
         return _REFERENCE[name](*args)
     return getattr(torch.ops.kivi, name)(*args)

@@ -54,11 +54,12 @@ def flush_reference(
     """
     B, H, R, D = k_ring.shape
     G = group_size
-    if not any(n >= R and (n - R) % G == 0 for n in lengths.tolist()):
+    due = [n >= R and (n - R) % G == 0 for n in lengths.tolist()]  # [B], on the host
+    if not any(due):
         return
+    due = torch.tensor(due, device=k_ring.device)
     lengths = lengths.long()
     start = (lengths - R).clamp(min=0) // G * G  # [B]
-    due = (lengths >= R) & ((lengths - R) % G == 0)  # [B]
     ring_idx = ((start[:, None] + torch.arange(G, device=k_ring.device)) % R)[:, None, :, None]  # [B, 1, G, 1]
     k = k_ring.gather(2, ring_idx.expand(B, H, G, D))  # [B, H, G, D]
     v = v_ring.gather(2, ring_idx.expand(B, H, G, D))
