@@ -31,7 +31,9 @@ W = D * bits / 32 words a token):
                                  slot n = (c % 8) * D / 8 + c // 8 of the run (word n // SPW,
                                  slot k = n % SPW), token 2p's code at bits * k, token 2p+1's
                                  at bits * k + 16
-    v_scale, v_min [B, H, L, D / G]   model dtype, one per (token, group of G channels)
+    v_scale, v_min [B, H, D / G, L]   model dtype, one per (group of G channels, token): a
+                                 group's row of tokens, so that a token pair's two scales
+                                 (or mins) are one 32-bit word, as the value product reads them
 The key pairs are neighbouring channels (the K axis of the score product), the value pairs
 neighbouring tokens (the K axis of the value product); a lane of the MMA fragments reads
 its words as one contiguous run (channel class c % 8 is one lane's rows). Values need pairs
@@ -155,16 +157,16 @@ def dequantize_keys(packed: Tensor, scale: Tensor, k_min: Tensor, bits: int, gro
 
 def quantize_values(v: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token value quantization: v [..., T, D] (T even) -> (packed [..., T, D * bits / 32]
-    int32 in token pairs, scale [..., T, D / G], min [..., T, D / G])."""
+    int32 in token pairs, scale [..., D / G, T], min [..., D / G, T])."""
     codes, scale, v_min = quantize(v, bits, group_size, dim=-1)
     *prefix, T, D = v.shape
     words = pack(_value_order(codes, bits), bits, dim=-1)  # [..., T / 2, 2W, 1]
-    return words.reshape(*prefix, T, D * bits // 32), scale, v_min
+    return words.reshape(*prefix, T, D * bits // 32), scale.mT.contiguous(), v_min.mT.contiguous()
 
 
 def dequantize_values(packed: Tensor, scale: Tensor, v_min: Tensor, bits: int, group_size: int) -> Tensor:
-    """Inverse of `quantize_values`: [..., T, D * bits / 32] -> [..., T, D]."""
+    """Inverse of `quantize_values`: [..., T, D * bits / 32] and scale, min [..., D / G, T] -> [..., T, D]."""
     *prefix, T, W = packed.shape
     words = packed.reshape(*prefix, T // 2, 2 * W, 1)
     codes = _value_order_inverse(unpack(words, bits, dim=-1), W * 32 // bits)
-    return dequantize(codes, scale, v_min, group_size, dim=-1)
+    return dequantize(codes, scale.mT, v_min.mT, group_size, dim=-1)

@@ -72,8 +72,8 @@ def _packed_keys(KP, KS, KM, t0, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.c
 
 
 @triton.jit
-def _packed_values(VP, VS, VM, t0, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
-                   DOT: tl.constexpr):
+def _packed_values(VP, VS, VM, t0, BLOCK_N: tl.constexpr, L: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+                   BITS: tl.constexpr, DOT: tl.constexpr):
     """Dequantized values [BLOCK_N, D] of tokens t0 .. in the model dtype."""
     SPW: tl.constexpr = 16 // BITS
     NGV: tl.constexpr = D // G
@@ -85,7 +85,7 @@ def _packed_values(VP, VS, VM, t0, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl
     codes = tl.reshape(codes, [P, 8, D // 8, 2])  # slot n = (c % 8) * D / 8 + c // 8
     codes = tl.reshape(tl.permute(codes, (0, 3, 2, 1)), [BLOCK_N, NGV, G])  # token 2p + u, channel c
     tok = t0 + tl.arange(0, BLOCK_N)
-    sc = tok[:, None] * NGV + tl.arange(0, NGV)[None, :]  # [BLOCK_N, NGV]
+    sc = tok[:, None] + tl.arange(0, NGV)[None, :] * L  # [BLOCK_N, NGV]: group g's row of L tokens
     v = codes.to(tl.float32) * tl.load(VS + sc).to(tl.float32)[:, :, None] + tl.load(VM + sc).to(tl.float32)[:, :, None]
     return tl.reshape(v, [BLOCK_N, D]).to(DOT)
 
@@ -150,7 +150,7 @@ def _decode_kernel(
         first = tl.maximum(lo, S)
         for t0 in range(start, tl.minimum(end, n_q), BLOCK_N):
             k = _packed_keys(KP, KS, KM, t0, BLOCK_N, D, G, BITS_K, DOT)
-            v = _packed_values(VP, VS, VM, t0, BLOCK_N, D, G, BITS_V, DOT)
+            v = _packed_values(VP, VS, VM, t0, BLOCK_N, L, D, G, BITS_V, DOT)
             m_i, l_i, acc = _attend(q, k, v, t0 + tl.arange(0, BLOCK_N) >= first, m_i, l_i, acc, qk_scale)
 
     n = tl.arange(0, BLOCK_R)

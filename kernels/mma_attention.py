@@ -1,8 +1,8 @@
 """Decode attention over the packed KIVI store on the tensor cores (Gluon, mma.sync m16n8k16).
 
 One warp a program. Grid (NUM_SPLITS * NUM_CHUNKS, B * H): program (s * NUM_CHUNKS + c, b * H + h)
-serves query heads c*16 .. c*16+15 of kv head h of slot b (the heads h*HG + ..., padded to HM = 16
-rows; HN = 8 or 16 of them are real columns of the value product) over split s of the slot's
+serves query heads c*16 .. c*16+15 of kv head h of slot b (the heads h*HG + ..., HN = 8 or 16 of
+them: the N of every MMA; heads past HG run on zero queries and are not stored) over split s of the slot's
 packed positions [lo, n_q[b]) cut into NUM_SPLITS runs of whole T = 32 token blocks (a block
 lies in one key group: G is a multiple of T), so the work follows each slot's live length;
 lo is 0, or with a sliding window of W positions the block of max(0, length - W). It
@@ -15,14 +15,16 @@ and a word gives two of them, its two halves, with one LOP3: that pair is one 32
 operand register. The store's packed layouts (quantize_kv.py) put the pairs where the MMA
 fragments want them, so codes go from memory to the tensor cores with a shift and a mask:
 
-  scores  S[h, t] = sum_d Qs[h, d] * code_k[d, t] + sum_d q[h, d] * k_min[g, d]
-      Qs = q * k_scale[g] * 2^(KF - e(d)) (A operand, rows = query heads, per key group g),
-      codes as B [D, T]; the min terms of 8 key groups are one MMA of q (kept in shared memory)
-      against their k_min rows as 8 columns, made once every 8 groups.
-  output  o^T[c, h] = sum_t code_v[c, t] * (p * v_scale[t, gv])[t, h] + sum_t v_min[t, gv] p[t, h]
+  scores  S[t, h] = sum_d code_k[t, d] * Qs[d, h] + sum_d k_min[g, d] * q[d, h]
+      codes as the A operand [T, D] (rows = tokens), Qs = q * k_scale[g] * 2^(KF - e(d)) as B
+      [D, HN] (columns = query heads, per key group g); the min terms of 16 key groups are one
+      MMA of their k_min rows (A) against q (B, kept in shared memory), made once every 16
+      groups into a shared [16, HN] table of which a block reads one row.
+  output  o^T[c, h] = sum_t code_v[c, t] * (p * v_scale[gv, t])[t, h] + sum_t v_min[gv, t] p[t, h]
       value codes as A [G, T] per channel group gv (rows = channels), p * v_scale as B
-      [T, HN]: the score accumulator's registers are the B operand's, so p never moves; the
-      min term is an MMA with the groups as rows; 2^(EB - e(c)) rescales each output channel.
+      [T, HN]: p leaves the score accumulator [T, HN] as 16-bit floats, each 8 x 8 tile
+      transposed in registers (movmatrix) into the B operand's map; the min term is an MMA with
+      the groups as rows; 2^(EB - e(c)) rescales each output channel.
 The MMA K order of the scores is a permutation of the channels (kappa = 8j + 2 tig + u holds
 channel tig * D / 4 + 2j + u): each lane's quarter of the channels is contiguous in memory.
 Softmax is lazy: the running max moves only when a block beats it by more than TAU (log2),
@@ -42,7 +44,8 @@ Adding a bit width b (it must fit a 16-bit float's mantissa: b <= 7 for bf16):
      and the slot count SPW = 16 // b follow, as do the exponents e of the rescaling;
   3. kernels/quantize.py and kernels/decode_attention.py are generic in b (check their
      static shapes: D * b / 128 words a lane);
-  4. add cases to tests/test_kernels.py (TENSOR_CORE_CASES) and run scripts/check_gpu.py.
+  4. add cases to tests/test_kernels.py (TENSOR_CORE_CASES) and run scripts/check_gpu.py;
+     benchmarks/sass_loop.py counts the new loop's instructions offline.
 """
 
 import torch
@@ -53,7 +56,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 T = gl.constexpr(32)  # tokens a block
-HM = gl.constexpr(16)  # query-head rows of the score MMA
+HM = gl.constexpr(16)  # query heads a program serves at most; the rows of an MMA
 TAU = gl.constexpr(8.0)
 STAGES = gl.constexpr(4)  # blocks in flight in the shared-memory ring
 
@@ -87,7 +90,8 @@ OP_B = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=MMA.value, k_wid
 @gluon.constexpr_function
 def _key_words_layout(WPT, SPW):
     """[WPT, SPW, 4, T]: (word of the lane, slot, lane's quarter tig, token). Lanes: tig, then
-    token bits 0-2; registers: words, slots, token bits 3-4 (the B operand's map, pairs aside)."""
+    token bits 0-2; registers: words, slots, token bits 3-4 (the A operand's map of [tokens,
+    channels], pairs aside)."""
     reg = _bits_of(WPT, 0, 4, 0) + _bits_of(SPW, 0, 4, 1) + [[0, 0, 0, 8], [0, 0, 0, 16]]
     lane = [[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4]]
     return _linear(reg, lane, [WPT, SPW, 4, T])
@@ -111,48 +115,22 @@ def _quarters_layout(D):
 
 
 @gluon.constexpr_function
-def _token_groups_layout(NGV):
-    """[T, NGV]: a lane holds, for the tokens of its B-operand rows, the NGV value groups."""
-    reg = _bits_of(NGV, 0, 2, 1) + [[1, 0], [8, 0], [16, 0]]
-    return _linear(reg, [[2, 0], [4, 0], [0, 0], [0, 0], [0, 0]], [T, NGV])
-
-
-@gluon.constexpr_function
-def _half_scores_layout():
-    """[8, T]: the score accumulator's rows 0-7."""
-    return _linear([[0, 1], [0, 8], [0, 16]], [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], [8, T])
-
-
-@gluon.constexpr_function
-def _scores_layout(HN):
-    return MMA if HN == 16 else _half_scores_layout()
-
-
-@gluon.constexpr_function
-def _query_layout(HN, D):
-    """[HN, D]: the A operand's rows 0 .. HN - 1 (all of it when HN == 16)."""
-    if HN == 16:
-        return OP_A
-    reg = [[0, 1]] + _bits_of(D // 8, 3, 2, 1)
-    return _linear(reg, [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], [8, D])
+def _token_pairs_layout(ROWS, ROWS_ON_LANES):
+    """[ROWS, 4, 4] words (row, tig, i) of a block's row of v_scale or v_min: word tig + 4 i
+    holds tokens 2 tig + 8 i and the next, the k pairs a lane holds of an MMA operand whose K
+    is the block's tokens. ROWS_ON_LANES: lane (g, tig) holds rows g and g + 8 (the A operand's
+    rows, ROWS = 16); else every lane holds all rows (copies across g: the B operand's K)."""
+    reg = [[0, 0, 1], [0, 0, 2]]
+    tig = [[0, 1, 0], [0, 2, 0]]
+    if ROWS_ON_LANES:
+        return _linear(reg + [[8, 0, 0]], tig + [[1, 0, 0], [2, 0, 0], [4, 0, 0]], [ROWS, 4, 4])
+    return _linear(reg + _bits_of(ROWS, 0, 3, 0), tig + [[0, 0, 0]] * 3, [ROWS, 4, 4])
 
 
 @gluon.jit
 def _pow2(e):
     """Exact 2^e as fp32 for an integer tensor e in the normal range."""
     return ((e + 127) << 23).to(gl.float32, bitcast=True)
-
-
-@gluon.jit
-def _repeat_columns(x, N: gl.constexpr):
-    """[R, C] -> [R, N * C]: x repeated N times along the columns (N = 1, 2 or 4; registers)."""
-    R: gl.constexpr = x.shape[0]
-    C: gl.constexpr = x.shape[1]
-    if N >= 2:
-        x = gl.reshape(gl.permute(gl.join(x, x), (0, 2, 1)), [R, 2 * C])
-    if N == 4:
-        x = gl.reshape(gl.permute(gl.join(x, x), (0, 2, 1)), [R, 4 * C])
-    return x
 
 
 @gluon.jit
@@ -202,14 +180,15 @@ def _pairs_to_operand(pairs, ROWS: gl.constexpr, COLS: gl.constexpr, PAIRS_ON_RO
 
 @gluon.jit
 def _key_codes(kw, D: gl.constexpr, BITS: gl.constexpr, CW: gl.constexpr, DTYPE: gl.constexpr):
-    """Key words [WPT, 4, T] of a block -> codes [D, T] as the scores' B operand (K order kappa)."""
+    """Key words [WPT, 4, T] of a block -> codes [T, D] as the scores' A operand (K order kappa)."""
     WPT: gl.constexpr = D * BITS // 128
     SPW: gl.constexpr = 16 // BITS
     XL: gl.constexpr = _key_words_layout(WPT, SPW)
     kw = gl.convert_layout(kw, gl.SliceLayout(1, XL), assert_trivial=True)
     x = _extract(gl.expand_dims(kw, 1), _slots(SPW, XL), BITS, CW)  # [WPT, SPW, 4, T]
     x = gl.reshape(x, [D // 2, T])  # pair index (w * SPW + k) * 4 + tig
-    return gl.convert_layout(_pairs_to_operand(x, D, T, True, DTYPE), OP_B, assert_trivial=True)
+    x = gl.permute(_pairs_to_operand(x, D, T, True, DTYPE), (1, 0))
+    return gl.convert_layout(x, OP_A, assert_trivial=True)
 
 
 @gluon.jit
@@ -255,20 +234,21 @@ def _ring_layout(order):
 def _allocate_ring(D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr, BITS_V: gl.constexpr,
                    DTYPE: gl.constexpr):
     """STAGES blocks of every tile _copy_block fetches: key words [WPT, 4, T], k_scale [4, D / 4],
-    value words [WPG, 8, T / 2], v_scale as T * NGV / 2 words."""
+    value words [WPG, 8, T / 2], v_scale words [NGV, 4, 4] (_token_pairs_layout)."""
     return (gl.allocate_shared_memory(gl.int32, [STAGES, D * BITS_K // 128, 4, T], _ring_layout([0, 1, 2])),
             gl.allocate_shared_memory(DTYPE, [STAGES, 4, D // 4], _ring_layout([1, 0])),
             gl.allocate_shared_memory(gl.int32, [STAGES, D * BITS_V // 128, 8, T // 2], _ring_layout([0, 1, 2])),
-            gl.allocate_shared_memory(gl.int32, [STAGES, T * (D // G) // 2], _ring_layout([0])))
+            gl.allocate_shared_memory(gl.int32, [STAGES, D // G, 4, 4], _ring_layout([2, 1, 0])))
 
 
 @gluon.jit
-def _tile_offsets(D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr, BITS_V: gl.constexpr):
+def _tile_offsets(L: gl.constexpr, D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr, BITS_V: gl.constexpr):
     """Each lane's element offsets into one block's tiles, from the block's first element: the
     same for every block, so computed once (a block's addresses are then its scalar base plus
     these, one wide multiply-add an element). Key words: word tig * WPT + w of each token; value
-    words: word (c % 8) * WPG + w of each token pair; v_scale as words; v_min as _load_value_min
-    reads it, with its mask (rows past the value groups are the operand's zero padding)."""
+    words: word (c % 8) * WPG + w of each token pair; v_scale and v_min as words of token
+    pairs, word tig + 4 i of each group's row of L / 2, v_min with its mask (rows past the value
+    groups are the operand's zero padding)."""
     NGV: gl.constexpr = D // G
     WPT: gl.constexpr = D * BITS_K // 128
     WPG: gl.constexpr = D * BITS_V // 128
@@ -278,9 +258,10 @@ def _tile_offsets(D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr, BITS_V
     k_scale = quarter * (D // 4) + col
     w, cls, pair = _grid3(WPG, 8, T // 2, _value_tile_layout(D, BITS_V))
     value = pair * (8 * WPG) + cls * WPG + w
-    v_scale = gl.arange(0, T * NGV // 2, layout=gl.BlockedLayout([1], [32], [1], [0]))
-    vrow, vtok = _grid2(HM, T, OP_A)
-    return key, k_scale, value, v_scale, vtok * NGV + vrow, vrow < NGV
+    row, tig, i = _grid3(NGV, 4, 4, gl.BlockedLayout([1, 1, 1], [2, 4, 4], [1, 1, 1], [2, 1, 0]))
+    v_scale = row * (L // 2) + tig + 4 * i
+    row, tig, i = _grid3(HM, 4, 4, _token_pairs_layout(HM, True))
+    return key, k_scale, value, v_scale, row * (L // 2) + tig + 4 * i, row < NGV
 
 
 @gluon.jit
@@ -293,8 +274,8 @@ def _copy_block(ring, stage, offsets, KP, KS, VP, VS, t0, D: gl.constexpr, G: gl
     async_copy.async_copy_global_to_shared(ring[0].index(stage), (KP + t0 * (D * BITS_K // 32)) + key)
     async_copy.async_copy_global_to_shared(ring[1].index(stage), (KS + t0 // G * D) + k_scale)
     async_copy.async_copy_global_to_shared(ring[2].index(stage), (VP + t0 * (D * BITS_V // 32)) + value)
-    # v_scale's T * NGV values are contiguous: copied as words (cp.async moves 4 bytes at least)
-    async_copy.async_copy_global_to_shared(ring[3].index(stage), (VS + t0 * NGV).to(gl.pointer_type(gl.int32)) + v_scale)
+    # v_scale as words of token pairs (cp.async moves 4 bytes at least)
+    async_copy.async_copy_global_to_shared(ring[3].index(stage), (VS + t0).to(gl.pointer_type(gl.int32)) + v_scale)
     async_copy.commit_group()
 
 
@@ -305,33 +286,41 @@ def _read_block(ring, stage, D: gl.constexpr, G: gl.constexpr, BITS_K: gl.conste
     return (ring[0].index(stage).load(_key_tile_layout(D, BITS_K)),
             ring[1].index(stage).load(_quarters_layout(D)),
             ring[2].index(stage).load(_value_tile_layout(D, BITS_V)),
-            ring[3].index(stage)._reinterpret(DTYPE, [T, D // G], _ring_layout([1, 0])).load(_token_groups_layout(D // G)))
+            _token_pairs(ring[3].index(stage).load(_token_pairs_layout(D // G, False)), DTYPE))
 
 
 @gluon.constexpr_function
 def _group_quarters_layout(D):
-    """[8, 4, D / 4]: lane (n, tig) holds group n's channels tig * D / 4 .. in its registers
-    (16-byte loads), the B operand's map with groups as its 8 columns."""
+    """[16, 4, D / 4]: lane (g, tig) holds groups g and g + 8, channels tig * D / 4 .. of each in
+    its registers (16-byte loads), the A operand's map with groups as its 16 rows."""
     lane = [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
-    return _linear(_bits_of(D // 4, 0, 3, 2), lane, [8, 4, D // 4])
+    return _linear(_bits_of(D // 4, 0, 3, 2) + [[8, 0, 0]], lane, [16, 4, D // 4])
 
 
 @gluon.jit
 def _key_min_operand(KM, g0, NG: gl.constexpr, D: gl.constexpr):
-    """k_min rows of key groups g0 .. g0 + 7 as the B operand [D, 8] (K order kappa, groups as
-    columns; groups from NG on read as zero)."""
-    g, quarter, col = _grid3(8, 4, D // 4, _group_quarters_layout(D))
+    """k_min rows of key groups g0 .. g0 + 15 as the A operand [16, D] (K order kappa, groups as
+    rows; groups from NG on read as zero)."""
+    g, quarter, col = _grid3(HM, 4, D // 4, _group_quarters_layout(D))
     km = gl.load(KM + (g0 + g) * D + quarter * (D // 4) + col, mask=g0 + g < NG, other=0.0)
-    km = gl.permute(gl.reshape(km, [8, 4, D // 8, 2]), (2, 1, 3, 0))  # [D / 8, 4, 2, 8]: kappa = 8j + 2 tig + u
-    return gl.convert_layout(gl.reshape(km, [D, 8]), OP_B, assert_trivial=True)
+    km = gl.permute(gl.reshape(km, [HM, 4, D // 8, 2]), (0, 2, 1, 3))  # [16, D / 8, 4, 2]: kappa = 8j + 2 tig + u
+    return gl.convert_layout(gl.reshape(km, [HM, D]), OP_A, assert_trivial=True)
 
 
 @gluon.jit
-def _load_value_min(VM, t0, offsets, NGV: gl.constexpr):
+def _token_pairs(words, DTYPE: gl.constexpr):
+    """[R, 4, 4] words (_token_pairs_layout) -> [R, T] 16-bit floats (token 8 i + 2 tig + u)."""
+    R: gl.constexpr = words.shape[0]
+    return _pairs_to_operand(gl.reshape(gl.permute(words, (0, 2, 1)), [R, T // 2]), R, T, False, DTYPE)
+
+
+@gluon.jit
+def _load_value_min(VM, t0, offsets, DTYPE: gl.constexpr):
     """v_min of block t0 as the [HM, T] A operand (rows = value groups, the rest zero). Read
     from global memory into registers: the padded operand has no cp.async-sized pieces."""
     _, _, _, _, v_min, in_groups = offsets
-    return gl.load((VM + t0 * NGV) + v_min, mask=in_groups, other=0.0)
+    words = gl.load((VM + t0).to(gl.pointer_type(gl.int32)) + v_min, mask=in_groups, other=0)
+    return gl.convert_layout(_token_pairs(words, DTYPE), OP_A, assert_trivial=True)
 
 
 @gluon.jit
@@ -366,43 +355,28 @@ def _split_leading(x, N: gl.constexpr):
 
 
 @gluon.jit
-def _split_columns(x, N: gl.constexpr):
-    """[R, N * C] -> tuple of N tensors [R, C] (_split_rows of the transpose)."""
-    cols = _split_rows(gl.permute(x, (1, 0)), N)
-    parts = ()
-    for i in gl.static_range(N):
-        parts = parts + (gl.permute(cols[i], (1, 0)),)
-    return parts
-
-
-@gluon.jit
-def _columns(x, N: gl.constexpr):
-    """[R, N] -> tuple of the N columns [R]."""
-    R: gl.constexpr = x.shape[0]
-    cols = _split_columns(x, N)
-    parts = ()
-    for i in gl.static_range(N):
-        parts = parts + (gl.reshape(cols[i], [R]),)
-    return parts
-
-
-@gluon.jit
-def _pad_rows(x):
-    """[HN, D] in _query_layout -> the A operand [HM, D], rows HN .. HM - 1 zero."""
-    HN: gl.constexpr = x.shape[0]
-    D: gl.constexpr = x.shape[1]
-    if HN < HM:
-        x = gl.reshape(gl.permute(gl.join(x, gl.zeros_like(x)), (2, 0, 1)), [HM, D])
-    return gl.convert_layout(x, OP_A, assert_trivial=True)
-
-
-@gluon.jit
-def _top_rows(x, HN: gl.constexpr):
-    """Score-layout rows 0 .. HN - 1 of an [HM, C] accumulator."""
+def _rows(x, N: gl.constexpr):
+    """[N, C] -> tuple of the N rows [C]."""
     C: gl.constexpr = x.shape[1]
-    if HN < HM:
-        x, _ = gl.split(gl.permute(gl.reshape(x, [2, 8, C]), (1, 2, 0)))
-    return x
+    rows = _split_rows(x, N)
+    parts = ()
+    for i in gl.static_range(N):
+        parts = parts + (gl.reshape(rows[i], [C]),)
+    return parts
+
+
+@gluon.jit
+def _value_operand(p):
+    """p [T, HN] in the accumulator's map (a lane: tokens g + 8i, heads 2 tig, 2 tig + 1 + 8j)
+    -> the B operand [T, HN] of the value product (a lane: tokens 2 tig, 2 tig + 1 + 8i, heads
+    g + 8j). movmatrix transposes each 8 x 8 tile of 16-bit values (one register a lane), so
+    that element (r, c) of a tile lands where (c, r) was; the permute names it again."""
+    R: gl.constexpr = p.shape[0]
+    C: gl.constexpr = p.shape[1]
+    x = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r",
+                                  [p.to(gl.int16, bitcast=True)], dtype=gl.int16, is_pure=True, pack=2)
+    x = gl.reshape(gl.permute(gl.reshape(x, [R // 8, 8, C // 8, 8]), (0, 3, 2, 1)), [R, C])
+    return gl.convert_layout(x.to(p.dtype, bitcast=True), OP_B, assert_trivial=True)
 
 
 @gluon.jit
@@ -424,7 +398,6 @@ def _mma_kernel(
     CW_K: gl.constexpr = MANT // BITS_K  # codes a half-word holds in place below the exponent
     SPW_V: gl.constexpr = 16 // BITS_V
     CW_V: gl.constexpr = MANT // BITS_V
-    SL: gl.constexpr = _scores_layout(HN)
 
     pid = gl.program_id(0)
     chunk = pid % NUM_CHUNKS
@@ -440,7 +413,7 @@ def _mma_kernel(
     q_end = gl.minimum(start + split_len, n_q)
     bh = pid_bh.to(gl.int64)
 
-    # query heads of this program: rows of the score accumulator
+    # query heads of this program: columns of the score accumulator
     heads = chunk * HM + gl.arange(0, HN, layout=gl.SliceLayout(0, MMA))
     out_rows = (b * (H * HG) + h * HG + heads) * NUM_PARTS + PART0 + split  # [HN] rows of o_part
     if start >= q_end:
@@ -448,13 +421,14 @@ def _mma_kernel(
                  mask=heads < HG)
         return
 
-    # q [HN, D] in K order kappa (the A operand's rows), and q * 2^(KF - e) for Qs (exact)
-    r, kappa = _grid2(HN, D, _query_layout(HN, D))
+    # q [D, HN] in K order kappa (the B operand), and q * 2^(KF - e) for Qs (exact)
+    kappa, r = _grid2(D, HN, OP_B)
     j = kappa // 8
     ch = kappa // 2 % 4 * (D // 4) + j * 2 + kappa % 2
     q = gl.load(Q + b * stride_qb + (h * HG + chunk * HM + r) * stride_qh + ch, mask=chunk * HM + r < HG, other=0.0)
     q_code = (q.to(gl.float32) * _pow2(KF - j % SPW_K % CW_K * BITS_K)).to(DTYPE)
-    q_min = gl.allocate_shared_memory(DTYPE, [HM, D], gl.SwizzledSharedLayout(8, 1, 8, [1, 0]), _pad_rows(q))
+    q_min = gl.allocate_shared_memory(DTYPE, [D, HN], gl.SwizzledSharedLayout(1, 1, 1, [0, 1]), q)
+    key_bias = gl.allocate_shared_memory(gl.float32, [HM, HN], _ring_layout([0]))  # [key groups, heads]
 
     KP = K_PACKED + bh * L * (D * BITS_K // 32)
     KS = K_SCALE + bh * (L // G) * D
@@ -466,63 +440,63 @@ def _mma_kernel(
     for gv in gl.static_range(NGV):
         acc = acc + (gl.zeros([G, HN], gl.float32, MMA),)
     code_scale = qk_scale * _exp2(EB - KF)  # the scores' units: 2^(KF - EB)
-    m_i = gl.full([HN], -1e30, gl.float32, gl.SliceLayout(1, SL))
-    l_acc = gl.zeros([HN, T], gl.float32, SL)
+    m_i = gl.full([HN], -1e30, gl.float32, gl.SliceLayout(0, MMA))
+    l_acc = gl.zeros([T, HN], gl.float32, MMA)
     v_bias = gl.zeros([HM, HN], gl.float32, MMA)  # rows: value groups
     WPT: gl.constexpr = D * BITS_K // 128  # key words a lane reads of a token: one chunk of the scores each
     CH_V: gl.constexpr = 128 // BITS_V if 128 // BITS_V > G else G  # a value chunk: whole words, whole groups
-    spos = gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(0, SL)), 0)  # [1, T] token of a score column
+    spos = gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(1, MMA)), 1)  # [T, 1] token of a score row
     ring = _allocate_ring(D, G, BITS_K, BITS_V, DTYPE)
     last = q_end - T  # copies past the end fetch the last block again: every iteration commits one group
-    offsets = _tile_offsets(D, G, BITS_K, BITS_V)
+    offsets = _tile_offsets(L, D, G, BITS_K, BITS_V)
     for i in gl.static_range(STAGES - 1):
         _copy_block(ring, i, offsets, KP, KS, VP, VS, gl.minimum(start + i * T, last), D, G, BITS_K, BITS_V)
-    v_min_next = _load_value_min(VM, start, offsets, NGV)
-    bias8 = gl.zeros([HM, 8], gl.float32, MMA)  # [heads, key groups]: q . k_min
-    bias_col = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, MMA)), 0)
+    v_min_next = _load_value_min(VM, start, offsets, DTYPE)
     for it in range((q_end - start) // T):
         t0 = start + it * T
         async_copy.wait_group(STAGES - 2)  # block t0 has landed
         gl.thread_barrier()  # ... for every lane; and every lane is done reading the stage refilled next
         kw, ks_raw, vw, vs_raw = _read_block(ring, it % STAGES, D, G, BITS_K, BITS_V, DTYPE)
         v_min = v_min_next
-        v_min_next = _load_value_min(VM, gl.minimum(t0 + T, last), offsets, NGV)
+        v_min_next = _load_value_min(VM, gl.minimum(t0 + T, last), offsets, DTYPE)
         _copy_block(ring, (it + STAGES - 1) % STAGES, offsets, KP, KS, VP, VS,
                     gl.minimum(t0 + (STAGES - 1) * T, last), D, G, BITS_K, BITS_V)
 
-        k_scale = _kappa_order(ks_raw, D, gl.SliceLayout(0, _query_layout(HN, D)))
+        k_scale = _kappa_order(ks_raw, D, gl.SliceLayout(1, OP_B))
         g = t0 // G
-        if (it == 0) | ((g % 8 == 0) & (t0 % G == 0)):  # the key-min terms of the next 8 key groups
-            bias8 = mma_v2(q_min.load(OP_A), _key_min_operand(KM, g // 8 * 8, L // G, D), gl.zeros_like(bias8))
-        # [HM, 8]: this group's column of bias8 in every column, as _repeat_columns wants it
-        bias = gl.expand_dims(gl.sum(gl.where(bias_col == g % 8, bias8, 0.0), 1), 1) + gl.zeros_like(bias8)
-        qs = _split_columns(q_code * gl.expand_dims(k_scale, 0), WPT)  # one rounding of an exact product
+        if (it == 0) | ((g % HM == 0) & (t0 % G == 0)):  # the key-min terms of the next 16 key groups
+            k_min = _key_min_operand(KM, g // HM * HM, L // G, D)
+            table = mma_v2(k_min, q_min.load(OP_B), gl.zeros([HM, HN], gl.float32, MMA))
+            key_bias._reinterpret(gl.float32, [HM, HN], _ring_layout([1, 0])).store(table)
+            gl.thread_barrier()  # the table is written before any lane reads its row
+        bias = key_bias.index(g % HM).load(gl.SliceLayout(0, MMA))  # [HN]
+        qs = _split_rows(q_code * gl.expand_dims(k_scale, 1), WPT)  # one rounding of an exact product
         kws = _split_leading(kw, WPT)
-        scores = gl.zeros([HM, T], gl.float32, MMA)
+        scores = gl.zeros([T, HN], gl.float32, MMA)
         for w in gl.static_range(WPT):  # chunk by chunk: the unpacked codes stay few registers
-            scores = mma_v2(_pad_rows(qs[w]), _key_codes(kws[w], D // WPT, BITS_K, CW_K, DTYPE), scores)
-        bias = gl.convert_layout(_repeat_columns(_top_rows(bias, HN), T // 8), SL, assert_trivial=True)
-        s = gl.convert_layout(_top_rows(scores, HN), SL, assert_trivial=True) * code_scale + bias * qk_scale
+            qs_w = gl.convert_layout(qs[w], OP_B, assert_trivial=True)
+            scores = mma_v2(_key_codes(kws[w], D // WPT, BITS_K, CW_K, DTYPE), qs_w, scores)
+        s = scores * code_scale + gl.expand_dims(bias * qk_scale, 0)
         if S > 0 or W < L:  # the sinks, and positions before the window
             s = gl.where(t0 + spos >= gl.maximum(lo, S), s, float("-inf"))
 
-        m_blk = gl.max(s, 1)
+        m_blk = gl.max(s, 0)
         if gl.max(m_blk - m_i, 0) > TAU:
             m_new = gl.maximum(m_i, m_blk)
             alpha = gl.exp2(m_i - m_new)
-            l_acc = l_acc * gl.expand_dims(alpha, 1)
-            alpha_c = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(0, MMA)), 0)
+            alpha_c = gl.expand_dims(alpha, 0)
+            l_acc = l_acc * alpha_c
             v_bias = v_bias * alpha_c
             rescaled = ()
             for gv in gl.static_range(NGV):
                 rescaled = rescaled + (acc[gv] * alpha_c,)
             acc = rescaled
             m_i = m_new
-        p = gl.exp2(s - gl.expand_dims(m_i - KV, 1))  # [HN, T], carries 2^KV
+        p = gl.exp2(s - gl.expand_dims(m_i - KV, 0))  # [T, HN], carries 2^KV
         l_acc += p
-        p_t = gl.convert_layout(gl.permute(p, (1, 0)), OP_B, assert_trivial=True).to(DTYPE)  # [T, HN]
+        p_t = _value_operand(p.to(DTYPE))
         v_bias = mma_v2(v_min, p_t, v_bias)
-        v_scale = _columns(vs_raw, NGV)
+        v_scale = _rows(vs_raw, NGV)
         vws = _split_leading(vw, D // CH_V)
         updated = ()
         for c in gl.static_range(D // CH_V):
@@ -535,8 +509,8 @@ def _mma_kernel(
         acc = updated
 
     # o[h, c] = (acc * 2^(EB - e(c)) + v_bias[gv]) / l, every factor carrying 2^KV
-    l_i = gl.convert_layout(gl.sum(l_acc, 1), gl.SliceLayout(0, MMA)) * _exp2(-KV)
-    gl.store(LSE_PART + out_rows, gl.convert_layout(m_i, gl.SliceLayout(0, MMA)) + gl.log2(l_i), mask=heads < HG)
+    l_i = gl.sum(l_acc, 0) * _exp2(-KV)
+    gl.store(LSE_PART + out_rows, m_i + gl.log2(l_i), mask=heads < HG)
     vrows, _ = _grid2(HM, HN, MMA)
     c, _ = _grid2(G, HN, MMA)
     for gv in gl.static_range(NGV):

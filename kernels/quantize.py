@@ -99,7 +99,7 @@ def _quantize_group(
     words = tl.reduce(tl.reduce(codes << (BITS_V * slot + 16 * token), 3, _bit_or), 2, _bit_or)  # [P, D / SPW]
     pair_words = (bh * L + p0) * (D * BITS_V // 32) + tl.arange(0, P)[:, None] * (D // SPW)
     tl.store(V_PACKED + pair_words + tl.arange(0, D // SPW)[None, :], words)
-    sc = (bh * L + p0 + tl.arange(0, G))[:, None] * NGV + tl.arange(0, NGV)[None, :]  # [G, NGV]
+    sc = (bh * NGV + tl.arange(0, NGV)[None, :]) * L + p0 + tl.arange(0, G)[:, None]  # [G, NGV]: group-major rows
     tl.store(V_SCALE + sc, tl.reshape(scale, [G, NGV]))
     tl.store(V_MIN + sc, tl.reshape(v_min, [G, NGV]))
 
@@ -136,7 +136,7 @@ def _prompt_kernel(
 
 
 def _check_store(bufs: tuple[Tensor, ...], n_sink: int, group_size: int) -> None:
-    D = bufs[-1].shape[3] * group_size
+    D = bufs[-1].shape[2] * group_size  # v_min [B, H, D / G, L]
     if not all(t.is_contiguous() for t in bufs):
         raise ValueError("cache buffers must be contiguous")
     if n_sink >= group_size:

@@ -5,7 +5,7 @@ layouts in quantize_kv.py):
     k_ring, v_ring [B, H, R, D]    token p at ring index p % R while unquantized
     k_sink, v_sink [B, H, S, D]    the first S tokens, kept in full precision for good
     k_packed [B, H, L, D * bits_k / 32], k_scale, k_min [B, H, L / G, D]
-    v_packed [B, H, L, D * bits_v / 32] (token pairs), v_scale, v_min [B, H, L, D / G]
+    v_packed [B, H, L, D * bits_v / 32] (token pairs), v_scale, v_min [B, H, D / G, L]
     lengths, n_quantized [B] int32 tokens in the sequence, of which quantized (n_q % G == 0)
 A position p of a slot is read from the sink buffer if p < S, else from the packed store if
 p < n_q, else from the ring. The plain fp cache is the case n_q == 0 with R = L.
@@ -64,15 +64,16 @@ def flush_reference(
     k = k_ring.gather(2, ring_idx.expand(B, H, G, D))  # [B, H, G, D]
     v = v_ring.gather(2, ring_idx.expand(B, H, G, D))
     kp, ks, km = quantize_keys(hide_sinks(k, start, n_sink), bits_k, G)  # [B, H, G, D*bits/32], [B, H, 1, D]
-    vp, vs, vm = quantize_values(v, bits_v, G)  # [B, H, G, D*bits/32], [B, H, G, D/G]
+    vp, vs, vm = quantize_values(v, bits_v, G)  # [B, H, G, D*bits/32], [B, H, D/G, G]
     tokens = start[:, None] + torch.arange(G, device=k.device)  # [B, G]
-    for buf, new, idx in (
-        (k_packed, kp, tokens), (k_scale, ks, (start // G)[:, None]), (k_min, km, (start // G)[:, None]),
-        (v_packed, vp, tokens), (v_scale, vs, tokens), (v_min, vm, tokens),
+    for buf, new, idx, dim in (  # idx [B, n]: the rows (dim 2) or columns (dim 3) written
+        (k_packed, kp, tokens, 2), (k_scale, ks, (start // G)[:, None], 2), (k_min, km, (start // G)[:, None], 2),
+        (v_packed, vp, tokens, 2), (v_scale, vs, tokens, 3), (v_min, vm, tokens, 3),
     ):
-        idx = idx[:, None, :, None].expand(B, H, idx.shape[1], buf.shape[3])
-        old = buf.gather(2, idx)
-        buf.scatter_(2, idx, torch.where(due[:, None, None, None], new, old))
+        idx = idx[:, None, :, None] if dim == 2 else idx[:, None, None, :]
+        idx = idx.expand(new.shape)
+        old = buf.gather(dim, idx)
+        buf.scatter_(dim, idx, torch.where(due[:, None, None, None], new, old))
 
 
 def quantize_prompt_reference(
@@ -91,8 +92,8 @@ def quantize_prompt_reference(
     k_scale[slots, :, : T // G] = ks
     k_min[slots, :, : T // G] = km
     v_packed[slots, :, :T] = vp
-    v_scale[slots, :, :T] = vs
-    v_min[slots, :, :T] = vm
+    v_scale[slots, :, :, :T] = vs
+    v_min[slots, :, :, :T] = vm
 
 
 def decode_attention_reference(
@@ -154,7 +155,7 @@ def _positions(c0: int, c_end: int, store: tuple, lengths: Tensor, n_quantized: 
         in_store = (pos[: c1 - c0] < n_quantized)[:, None, :, None]  # [B, 1, T', 1]
         stored_k = dequantize_keys(k_packed[:, :, c0:c1], k_scale[:, :, c0 // G : c1 // G],
                                    k_min[:, :, c0 // G : c1 // G], bits_k, G)
-        stored_v = dequantize_values(v_packed[:, :, c0:c1], v_scale[:, :, c0:c1], v_min[:, :, c0:c1], bits_v, G)
+        stored_v = dequantize_values(v_packed[:, :, c0:c1], v_scale[..., c0:c1], v_min[..., c0:c1], bits_v, G)
         keys[:, :, : c1 - c0] = torch.where(in_store, stored_k.float(), keys[:, :, : c1 - c0])
         values[:, :, : c1 - c0] = torch.where(in_store, stored_v.float(), values[:, :, : c1 - c0])
     if c0 < S:  # sink positions come from the sink buffer

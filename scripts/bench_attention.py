@@ -54,17 +54,17 @@ def kivi_cache(B: int, H: int, L: int, D: int, bits: int, dtype: torch.dtype) ->
     return dict(
         k_ring=sym(B, H, R, D), v_ring=sym(B, H, R, D), k_sink=sym(B, H, 0, D), v_sink=sym(B, H, 0, D),
         k_packed=words(B, H, L, D * bits // 32), k_scale=pos(B, H, L // G, D), k_min=-sym(B, H, L // G, D).abs(),
-        v_packed=words(B, H, L, D * bits // 32), v_scale=pos(B, H, L, D // G), v_min=-sym(B, H, L, D // G).abs(),
+        v_packed=words(B, H, L, D * bits // 32), v_scale=pos(B, H, D // G, L), v_min=-sym(B, H, D // G, L).abs(),
     )
 
 
 def plain_cache(k: torch.Tensor, v: torch.Tensor) -> dict:
     """The fp cache as our op reads it: a ring of R = L, empty sinks and packed store."""
     B, H, _, D = k.shape
-    empty = lambda *s, dtype=k.dtype: torch.empty(B, H, 0, *s, device="cuda", dtype=dtype)
-    return dict(k_ring=k, v_ring=v, k_sink=empty(D), v_sink=empty(D), k_packed=empty(D // 16, dtype=torch.int32),
-                k_scale=empty(D), k_min=empty(D), v_packed=empty(D // 16, dtype=torch.int32),
-                v_scale=empty(D // G), v_min=empty(D // G))
+    empty = lambda *s, dtype=k.dtype: torch.empty(B, H, *s, device="cuda", dtype=dtype)
+    return dict(k_ring=k, v_ring=v, k_sink=empty(0, D), v_sink=empty(0, D), k_packed=empty(0, D // 16, dtype=torch.int32),
+                k_scale=empty(0, D), k_min=empty(0, D), v_packed=empty(0, D // 16, dtype=torch.int32),
+                v_scale=empty(D // G, 0), v_min=empty(D // G, 0))
 
 
 def cache_bytes(L: int, D: int, bits: int, itemsize: int) -> int:

@@ -35,7 +35,7 @@ def cache_state(lengths, H, Hq, D, L, R, S, G, bits_k, bits_v, dtype, fill, seed
     k_ring = torch.full((B, H, R, D), fill, dtype=dtype)
     v_ring = k_ring.clone()
     for b, (n, q_n) in enumerate(zip(lengths, nq)):
-        ks[b, :, q_n // G :], km[b, :, q_n // G :], vs[b, :, q_n:], vm[b, :, q_n:] = fill, fill, fill, fill
+        ks[b, :, q_n // G :], km[b, :, q_n // G :], vs[b, ..., q_n:], vm[b, ..., q_n:] = fill, fill, fill, fill
         kp[b, :, q_n:], vp[b, :, q_n:] = -1, -1
         idx = torch.arange(q_n, n) % R
         k_ring[b, :, idx], v_ring[b, :, idx] = k[b, :, q_n:n], v[b, :, q_n:n]
@@ -119,8 +119,8 @@ def test_sliding_window_plain_cache(nan_allocations):
     q = torch.randn(B, Hq, D, generator=g).to(DEVICE)
     lengths = [5, 37, 190]
     e = lambda *s, dtype=torch.float32: torch.empty(B, H, 0, *s, dtype=dtype, device=DEVICE)
-    args = (q, k, v, e(D), e(D), e(D, dtype=torch.int32), e(D), e(D), e(D // 16, dtype=torch.int32), e(D // 32),
-            e(D // 32), torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
+    args = (q, k, v, e(D), e(D), e(D, dtype=torch.int32), e(D), e(D), e(D // 16, dtype=torch.int32), e(D // 32).mT,
+            e(D // 32).mT, torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
             torch.zeros(B, dtype=torch.int32, device=DEVICE), 2, 2, 32, D**-0.5, window)
     for b, n in enumerate(lengths):
         keys, values = (x[b, :, max(0, n - window) : n].repeat_interleave(Hq // H, 0) for x in (k, v))
@@ -202,7 +202,7 @@ def test_plain_cache(nan_allocations):
     k, v = (torch.randn(B, H, L, D, generator=g).half().to(DEVICE) for _ in range(2))
     e = lambda *s, dtype=torch.float16: torch.empty(B, H, 0, *s, dtype=dtype, device=DEVICE)
     args = (torch.randn(B, Hq, D, generator=g).half().to(DEVICE), k, v, e(D), e(D), e(D, dtype=torch.int32), e(D),
-            e(D), e(D // 16, dtype=torch.int32), e(D // 32), e(D // 32),
+            e(D), e(D // 16, dtype=torch.int32), e(D // 32).mT, e(D // 32).mT,
             torch.tensor([1, 77, 300], dtype=torch.int32, device=DEVICE), torch.zeros(B, dtype=torch.int32, device=DEVICE),
             2, 2, 32, D**-0.5)
     out = decode_attention(*args)
@@ -225,7 +225,7 @@ def random_store(B, H, L, D, G, bits_k, bits_v, dtype, g):
     bufs = [torch.randint(-2**31, 2**31 - 1, (B, H, L, D * bits_k // 32), generator=g, dtype=torch.int32),
             torch.randn(B, H, L // G, D, generator=g).to(dtype), torch.randn(B, H, L // G, D, generator=g).to(dtype),
             torch.randint(-2**31, 2**31 - 1, (B, H, L, D * bits_v // 32), generator=g, dtype=torch.int32),
-            torch.randn(B, H, L, D // G, generator=g).to(dtype), torch.randn(B, H, L, D // G, generator=g).to(dtype)]
+            torch.randn(B, H, D // G, L, generator=g).to(dtype), torch.randn(B, H, D // G, L, generator=g).to(dtype)]
     return [t.to(DEVICE) for t in bufs]
 
 

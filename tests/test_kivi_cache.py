@@ -83,8 +83,8 @@ def cache_view(cache: KiviCache, b: int, length: int):
     if nq:
         K[:, :nq] = dequantize_keys(cache.k_packed[b, :, :nq], cache.k_scale[b, :, : nq // G],
                                     cache.k_min[b, :, : nq // G], bk, G).double()
-        V[:, :nq] = dequantize_values(cache.v_packed[b, :, :nq], cache.v_scale[b, :, :nq],
-                                      cache.v_min[b, :, :nq], bv, G).double()
+        V[:, :nq] = dequantize_values(cache.v_packed[b, :, :nq], cache.v_scale[b, ..., :nq],
+                                      cache.v_min[b, ..., :nq], bv, G).double()
     idx = torch.arange(nq, length) % R
     K[:, nq:] = cache.k_ring[b][:, idx].double()
     V[:, nq:] = cache.v_ring[b][:, idx].double()
@@ -137,7 +137,7 @@ def check_slot_matches_sim(cache: KiviCache, b: int, sim: SlotSim):
     if nq:  # quantized positions: the dequantized store (sink positions are read from the sinks)
         k_hat = dequantize_keys(cache.k_packed[b, :, :nq], cache.k_scale[b, :, : nq // G],
                                 cache.k_min[b, :, : nq // G], sim.bits_k, G)
-        v_hat = dequantize_values(cache.v_packed[b, :, :nq], cache.v_scale[b, :, :nq], cache.v_min[b, :, :nq],
+        v_hat = dequantize_values(cache.v_packed[b, :, :nq], cache.v_scale[b, ..., :nq], cache.v_min[b, ..., :nq],
                                   sim.bits_v, G)
         assert torch.equal(k_hat[:, S:], torch.cat(sim.kq, 1)[:, S:]), f"slot {b}: key store"
         assert torch.equal(v_hat[:, S:], torch.cat(sim.vq, 1)[:, S:]), f"slot {b}: value store"
@@ -338,8 +338,8 @@ def test_each_stored_group_holds_exactly_its_own_sequences_G_real_tokens():
         assert torch.equal(cache.k_min[b, :, : nq // G], Kg.amin(2))
         assert torch.allclose(cache.k_scale[b, :, : nq // G], (Kg.amax(2) - Kg.amin(2)) / 3, rtol=1e-6)
         Vg = V.unflatten(2, (D // G, G))
-        assert torch.equal(cache.v_min[b, :, :nq], Vg.amin(3))
-        assert torch.allclose(cache.v_scale[b, :, :nq], (Vg.amax(3) - Vg.amin(3)) / 3, rtol=1e-6)
+        assert torch.equal(cache.v_min[b, ..., :nq], Vg.amin(3).mT)
+        assert torch.allclose(cache.v_scale[b, ..., :nq], (Vg.amax(3) - Vg.amin(3)).mT / 3, rtol=1e-6)
 
 
 SENTINELS = {torch.int32: 0x5A5A5A5A, torch.float32: 777.0}
@@ -362,6 +362,7 @@ def test_no_group_is_quantized_before_it_holds_G_real_tokens(S):
                     "v_packed": nq, "v_scale": nq, "v_min": nq}
             for name, r in rows.items():
                 buf = getattr(cache, name)[b]
+                buf = buf.mT if name in ("v_scale", "v_min") else buf  # [H, D / G, L]: tokens first
                 sentinel = SENTINELS[buf.dtype]
                 assert torch.all(buf[:, r:] == sentinel), f"{name} of slot {b} written past n_q={nq} at length {length}"
                 assert not torch.any(buf[:, :r] == sentinel), f"{name} of slot {b} not written below n_q={nq}"

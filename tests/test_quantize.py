@@ -118,9 +118,9 @@ def test_values_per_token_round_trip_within_half_scale(bits, G, mult, t, prefix,
     v = random_data((*prefix, t, D), seed, magnitude, pattern, dtype)
     packed, scale, mn = quantize_values(v, bits, G)
     assert packed.dtype == torch.int32 and packed.shape == (*prefix, t, D * bits // 32)
-    assert scale.shape == mn.shape == (*prefix, t, D // G)  # one per (token, group of channels)
+    assert scale.shape == mn.shape == (*prefix, D // G, t)  # one per (group of channels, token)
     v_hat = dequantize_values(packed, scale, mn, bits, G)
-    check_round_trip(v, v_hat, scale, mn, bits, G, dim=len(prefix) + 1)
+    check_round_trip(v, v_hat, scale.mT, mn.mT, bits, G, dim=len(prefix) + 1)
 
 
 @FAST
