@@ -46,7 +46,11 @@ def compile_cubin(HG: int, D: int, G: int, bits_k: int, bits_v: int) -> bytes:
     aligned = [*POINTERS, "stride_qb", "stride_qh"]  # what the launcher's tensors give: 16-byte alignment
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = GluonASTSource(kernel, signature, constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1}).asm["cubin"]
+    options = {"num_warps": 1}
+    cap = mma_attention.register_cap(D, bits_k, bits_v)  # as packed_attention launches it
+    if cap is not None:
+        options["maxnreg"] = cap
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
 def loop_counts(cubin: bytes) -> tuple[int, collections.Counter]:

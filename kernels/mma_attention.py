@@ -36,7 +36,8 @@ Layouts: every register tensor has an explicit layout (linear layouts spelled ou
 the mma.sync operand layouts), chosen so that the words a lane loads are, after the shift
 and mask, exactly its operand fragments; each such step is a convert_layout with
 assert_trivial=True, so a layout that would need data movement fails to compile.
-Launch heuristics (splits, one warp) live in default_splits() and packed_attention().
+Launch heuristics (splits, one warp, the register cap) live in default_splits(), register_cap() and
+packed_attention().
 
 Adding a bit width b (it must fit a 16-bit float's mantissa: b <= 7 for bf16):
   1. quantize_kv.SUPPORTED_BITS and the pair packing there hold it already if 16 % b == 0;
@@ -531,6 +532,14 @@ def supports(q: Tensor, bits_k: int, bits_v: int, heads_per_kv: int) -> bool:
             and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
+def register_cap(head_dim: int, bits_k: int, bits_v: int) -> int | None:
+    """Registers a thread (ptxas' maxnreg; None: ptxas' own choice, 208-234 at head_dim 128).
+    168 (12 warps an SM, no spills) at head_dim 64 with 2-bit codes, where it measured 9%
+    faster for MQA and even elsewhere; at head_dim 128 it was within -4%..+5% and at 4 bits
+    slower (benchmarks/NOTES.md)."""
+    return 168 if head_dim == 64 and bits_k == bits_v == 2 else None
+
+
 def default_splits(programs: int, heads_per_kv: int, head_dim: int, sms: int) -> int:
     """Splits of each slot's packed positions, for `programs` (slot, kv head) pairs: one wave of
     the one-warp programs an SM holds at their register use (8 at head_dim 128, 12 at 64), at
@@ -557,4 +566,5 @@ def packed_attention(q: Tensor, k_packed: Tensor, k_scale: Tensor, k_min: Tensor
         q.stride(0), q.stride(1), qk_scale, num_splits,
         H=H, HG=HG, HN=16 if HG > 8 else 8, NUM_CHUNKS=chunks, L=L, S=n_sink, W=window, D=D, G=group_size, BITS_K=bits_k,
         BITS_V=bits_v, NUM_PARTS=o_part.shape[2], PART0=part0, DTYPE=_GL_DTYPES[q.dtype], num_warps=1,
+        maxnreg=register_cap(D, bits_k, bits_v),
     )

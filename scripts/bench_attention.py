@@ -11,7 +11,10 @@ quantization of prefill (Triton against the reference, bit for bit, timed); one 
 (flush + attention through torch.ops) under torch.compile(mode="reduce-overhead",
 fullgraph=True) against eager. Random data; every slot at length L.
 
-    python scripts/bench_attention.py [--quick] [--splits] [--json OUT]
+    python scripts/bench_attention.py [--quick] [--splits] [--caps] [--json OUT]
+
+--caps also times the tensor-core path with ptxas' register cap forced to none, 192 and 168
+(12 warps an SM), each at the split count of one wave of its resident warps.
 
 --json writes {"device", "torch", "triton", "rows": [{"shape", "bits", "kivi_us", "sdpa_us"}]}.
 """
@@ -29,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402,F401  registers torch.ops.kivi
+from kernels import mma_attention  # noqa: E402
 from kernels.decode_attention import decode_attention  # noqa: E402
 from kernels.quantize import flush, quantize_prompt  # noqa: E402
 from kernels.reference import decode_attention_reference, flush_reference, quantize_prompt_reference  # noqa: E402
@@ -97,6 +101,21 @@ def bench(calls: list) -> float:
     return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3 / len(calls)
 
 
+def time_register_caps(kv_args, n: int, programs: int, heads_per_kv: int, head_dim: int) -> dict:
+    """The op with mma_attention.register_cap forced to each cap (None: ptxas' choice, at the
+    default split count), a capped one at one wave of its 65536 / (32 cap) warps an SM."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    chunks = triton.cdiv(heads_per_kv, 16)
+    default_cap, times = mma_attention.register_cap, {}
+    for cap in (None, 192, 168):
+        mma_attention.register_cap = lambda *_, cap=cap: cap
+        splits = (mma_attention.default_splits(programs, heads_per_kv, head_dim, sms) if cap is None
+                  else max(2, 65536 // (32 * cap) * sms // (programs * chunks)) * chunks)
+        times[cap] = round(bench([lambda i=i: decode_attention(*kv_args(i), num_splits=splits) for i in range(n)]), 1)
+    mma_attention.register_cap = default_cap
+    return times
+
+
 def copies(nbytes: int) -> int:
     return max(1, min(16, math.ceil(ROTATE_BYTES / nbytes)))
 
@@ -148,6 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="first shape only")
     parser.add_argument("--splits", action="store_true", help="also time the packed splits 2..32 at 2 bits")
+    parser.add_argument("--caps", action="store_true", help="also time register caps none, 192 and 168")
     parser.add_argument("--json", type=Path, help="write the KIVI and SDPA times here")
     args = parser.parse_args()
     if args.json is not None and not args.json.parent.is_dir():
@@ -191,6 +211,8 @@ def main() -> None:
                 sweep = {s: bench([lambda i=i, s=s: decode_attention(*kv_args(i), num_splits=s) for i in range(n)])
                          for s in (2, 4, 8, 16, 32)}
                 print("  num_splits (us):", {s: round(t, 1) for s, t in sweep.items()}, flush=True)
+            if args.caps:
+                print("  register caps (us):", time_register_caps(kv_args, n, B * H, Hq // H, D), flush=True)
             del cs
 
     # flush at B=32 L=4096 32 heads D=128, bf16, 4 sinks: every slot due, then none
