@@ -2,10 +2,10 @@
 
 One warp a program. Grid (NUM_SPLITS * NUM_CHUNKS, B * H): program (s * NUM_CHUNKS + c, b * H + h)
 serves query heads c*16 .. c*16+15 of kv head h of slot b (the heads h*HG + ..., HN = 8 or 16 of
-them: the N of every MMA; heads past HG run on zero queries and are not stored) over split s of the slot's
-packed positions [lo, n_q[b]) cut into NUM_SPLITS runs of whole T = 32 token blocks (a block
-lies in one key group: G is a multiple of T), so the work follows each slot's live length;
-lo is 0, or with a sliding window of W positions the block of max(0, length - W). It
+them: the N of every MMA; heads past HG run on zero queries and are not stored) over split s
+of the slot's packed positions [lo, n_q[b]) cut into NUM_SPLITS runs of whole T = 32 token
+blocks (a block lies in one key group: G is a multiple of T), so the work follows each slot's
+live length; lo is 0, or with a sliding window of W positions the block of max(0, length - W). It
 writes one partial result (normalized output and log2-sum-exp, -inf when it has no tokens) at
 part PART0 + s; the sinks, the ring and the merge are kernels/decode_attention.py's.
 

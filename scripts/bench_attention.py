@@ -66,8 +66,9 @@ def plain_cache(k: torch.Tensor, v: torch.Tensor) -> dict:
     """The fp cache as our op reads it: a ring of R = L, empty sinks and packed store."""
     B, H, _, D = k.shape
     empty = lambda *s, dtype=k.dtype: torch.empty(B, H, *s, device="cuda", dtype=dtype)
-    return dict(k_ring=k, v_ring=v, k_sink=empty(0, D), v_sink=empty(0, D), k_packed=empty(0, D // 16, dtype=torch.int32),
-                k_scale=empty(0, D), k_min=empty(0, D), v_packed=empty(0, D // 16, dtype=torch.int32),
+    return dict(k_ring=k, v_ring=v, k_sink=empty(0, D), v_sink=empty(0, D),
+                k_packed=empty(0, D // 16, dtype=torch.int32), k_scale=empty(0, D), k_min=empty(0, D),
+                v_packed=empty(0, D // 16, dtype=torch.int32),
                 v_scale=empty(D // G, 0), v_min=empty(D // G, 0))
 
 
