@@ -227,7 +227,8 @@ def decode_attention(
     use_mma = supported if tensor_cores is None else tensor_cores
     sms = _num_sms(q.device)
     if use_mma:
-        num_splits = num_splits or mma_attention.default_splits(B * H, HG, D, sms)
+        cap = mma_attention.register_cap(D, bits_k, bits_v)
+        num_splits = num_splits or mma_attention.default_splits(B * H, HG, D, sms, cap)
         ring_split = max_len  # the sinks and the ring in one program a (slot, kv head), part 0
         parts, ring_parts = 1 + num_splits, 1
     else:

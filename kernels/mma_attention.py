@@ -540,13 +540,14 @@ def register_cap(head_dim: int, bits_k: int, bits_v: int) -> int | None:
     return 168 if head_dim == 64 and bits_k == bits_v == 2 else None
 
 
-def default_splits(programs: int, heads_per_kv: int, head_dim: int, sms: int) -> int:
+def default_splits(programs: int, heads_per_kv: int, head_dim: int, sms: int, registers: int | None) -> int:
     """Splits of each slot's packed positions, for `programs` (slot, kv head) pairs: one wave of
-    the one-warp programs an SM holds at their register use (8 at head_dim 128, 12 at 64), at
-    least 2, times the head chunks (MQA's chunks read the same codes: more of them at once);
-    measured in benchmarks/NOTES.md."""
+    the one-warp programs an SM holds at their register use (the cap `registers`, or uncapped 8
+    at head_dim 128, 12 at 64), at least 2, times the head chunks (MQA's chunks read the same
+    codes: more of them at once); measured in benchmarks/NOTES.md."""
     chunks = triton.cdiv(heads_per_kv, HM)
-    resident = (8 if head_dim == 128 else 12) * sms
+    warps = 65536 // (32 * registers) if registers else 8 if head_dim == 128 else 12
+    resident = warps * sms
     return max(2, resident // (programs * chunks)) * chunks
 
 

@@ -102,17 +102,13 @@ def bench(calls: list) -> float:
     return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3 / len(calls)
 
 
-def time_register_caps(kv_args, n: int, programs: int, heads_per_kv: int, head_dim: int) -> dict:
-    """The op with mma_attention.register_cap forced to each cap (None: ptxas' choice, at the
-    default split count), a capped one at one wave of its 65536 / (32 cap) warps an SM."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    chunks = triton.cdiv(heads_per_kv, 16)
+def time_register_caps(kv_args, n: int) -> dict:
+    """The op with mma_attention.register_cap forced to each cap (None: ptxas' choice); the
+    split count follows the cap's residency (default_splits)."""
     default_cap, times = mma_attention.register_cap, {}
     for cap in (None, 192, 168):
         mma_attention.register_cap = lambda *_, cap=cap: cap
-        splits = (mma_attention.default_splits(programs, heads_per_kv, head_dim, sms) if cap is None
-                  else max(2, 65536 // (32 * cap) * sms // (programs * chunks)) * chunks)
-        times[cap] = round(bench([lambda i=i: decode_attention(*kv_args(i), num_splits=splits) for i in range(n)]), 1)
+        times[cap] = round(bench([lambda i=i: decode_attention(*kv_args(i)) for i in range(n)]), 1)
     mma_attention.register_cap = default_cap
     return times
 
@@ -213,7 +209,7 @@ def main() -> None:
                          for s in (2, 4, 8, 16, 32)}
                 print("  num_splits (us):", {s: round(t, 1) for s, t in sweep.items()}, flush=True)
             if args.caps:
-                print("  register caps (us):", time_register_caps(kv_args, n, B * H, Hq // H, D), flush=True)
+                print("  register caps (us):", time_register_caps(kv_args, n), flush=True)
             del cs
 
     # flush at B=32 L=4096 32 heads D=128, bf16, 4 sinks: every slot due, then none
