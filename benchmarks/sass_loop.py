@@ -47,7 +47,7 @@ def compile_cubin(HG: int, D: int, G: int, bits_k: int, bits_v: int) -> bytes:
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = GluonASTSource(kernel, signature, constants, attrs=attrs)
     options = {"num_warps": 1}
-    cap = mma_attention.register_cap(D, bits_k, bits_v)  # as packed_attention launches it
+    cap = mma_attention.register_cap(D, bits_k, bits_v, HG)  # as packed_attention launches it
     if cap is not None:
         options["maxnreg"] = cap
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]

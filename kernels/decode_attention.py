@@ -195,6 +195,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+@functools.cache
+def _shared_per_sm(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
+
+
 def decode_attention(
     q: Tensor, k_ring: Tensor, v_ring: Tensor, k_sink: Tensor, v_sink: Tensor,
     k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
@@ -227,8 +232,9 @@ def decode_attention(
     use_mma = supported if tensor_cores is None else tensor_cores
     sms = _num_sms(q.device)
     if use_mma:
-        cap = mma_attention.register_cap(D, bits_k, bits_v)
-        num_splits = num_splits or mma_attention.default_splits(B * H, HG, D, sms, cap)
+        cap = mma_attention.register_cap(D, bits_k, bits_v, HG)
+        per_sm = mma_attention.programs_per_sm(D, G, bits_k, bits_v, HG, cap, _shared_per_sm(q.device))
+        num_splits = num_splits or mma_attention.default_splits(B * H, HG, L, per_sm * sms)
         ring_split = max_len  # the sinks and the ring in one program a (slot, kv head), part 0
         parts, ring_parts = 1 + num_splits, 1
     else:

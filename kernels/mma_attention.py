@@ -30,14 +30,16 @@ channel tig * D / 4 + 2j + u): each lane's quarter of the channels is contiguous
 Softmax is lazy: the running max moves only when a block beats it by more than TAU (log2),
 so p <= 2^TAU and the accumulators are rarely rescaled; p carries 2^KV so that p * v_scale
 stays a normal float. Blocks stream through a shared-memory ring of STAGES blocks (cp.async):
-block t0 + (STAGES - 1) * T is in flight while block t0 is computed.
+block t0 + (STAGES - 1) * T is in flight while block t0 is computed, and the scores of block
+t0 + T are computed in the same iteration (a software pipeline of two blocks: the running
+max moves before a block's values are weighed).
 
 Layouts: every register tensor has an explicit layout (linear layouts spelled out below, or
 the mma.sync operand layouts), chosen so that the words a lane loads are, after the shift
 and mask, exactly its operand fragments; each such step is a convert_layout with
 assert_trivial=True, so a layout that would need data movement fails to compile.
-Launch heuristics (splits, one warp, the register cap) live in default_splits(), register_cap() and
-packed_attention().
+Launch heuristics (splits, one warp, the register cap, residency) live in default_splits(),
+register_cap(), programs_per_sm() and packed_attention().
 
 Adding a bit width b (it must fit a 16-bit float's mantissa: b <= 7 for bf16):
   1. quantize_kv.SUPPORTED_BITS and the pair packing there hold it already if 16 % b == 0;
@@ -255,7 +257,8 @@ def _tile_offsets(L: gl.constexpr, D: gl.constexpr, G: gl.constexpr, BITS_K: gl.
     WPG: gl.constexpr = D * BITS_V // 128
     w, tig, t = _grid3(WPT, 4, T, _key_tile_layout(D, BITS_K))
     key = t * (4 * WPT) + tig * WPT + w
-    quarter, col = _grid2(4, D // 4, _quarters_layout(D))
+    # k_scale: D / 32 channels a lane, no two lanes alike (the read's quarters layout has copies)
+    quarter, col = _grid2(4, D // 4, gl.BlockedLayout([1, D // 32], [4, 8], [1, 1], [1, 0]))
     k_scale = quarter * (D // 4) + col
     w, cls, pair = _grid3(WPG, 8, T // 2, _value_tile_layout(D, BITS_V))
     value = pair * (8 * WPG) + cls * WPG + w
@@ -268,8 +271,8 @@ def _tile_offsets(L: gl.constexpr, D: gl.constexpr, G: gl.constexpr, BITS_K: gl.
 @gluon.jit
 def _copy_block(ring, stage, offsets, KP, KS, VP, VS, t0, D: gl.constexpr, G: gl.constexpr,
                 BITS_K: gl.constexpr, BITS_V: gl.constexpr):
-    """Start the copies of block t0 into `stage` of the ring, one commit group. Each tile is
-    copied in the register layout _read_block reads it in (offsets from _tile_offsets)."""
+    """Start the copies of block t0 into `stage` of the ring, one commit group (offsets from
+    _tile_offsets; the barrier after the wait makes every lane's copies visible to all)."""
     NGV: gl.constexpr = D // G
     key, k_scale, value, v_scale, _, _ = offsets
     async_copy.async_copy_global_to_shared(ring[0].index(stage), (KP + t0 * (D * BITS_K // 32)) + key)
@@ -281,12 +284,69 @@ def _copy_block(ring, stage, offsets, KP, KS, VP, VS, t0, D: gl.constexpr, G: gl
 
 
 @gluon.jit
-def _read_block(ring, stage, D: gl.constexpr, G: gl.constexpr, BITS_K: gl.constexpr, BITS_V: gl.constexpr,
-                DTYPE: gl.constexpr):
-    """The tiles of one ring stage in registers."""
-    return (ring[0].index(stage).load(_key_tile_layout(D, BITS_K)),
-            ring[1].index(stage).load(_quarters_layout(D)),
-            ring[2].index(stage).load(_value_tile_layout(D, BITS_V)),
+def _key_min_table(key_bias, q_min, KM, g, NG: gl.constexpr, D: gl.constexpr):
+    """Refill the shared table key_bias [16, HN] with the key-min terms sum_d k_min[g', d] q[d, h]
+    of the 16 key groups g' from g // 16 * 16 on: one MMA, k_min rows as A, q as B."""
+    HN: gl.constexpr = key_bias.shape[1]
+    k_min = _key_min_operand(KM, g // HM * HM, NG, D)
+    table = mma_v2(k_min, q_min.load(OP_B), gl.zeros([HM, HN], gl.float32, MMA))
+    key_bias._reinterpret(gl.float32, [HM, HN], _ring_layout([1, 0])).store(table)
+    gl.thread_barrier()  # the table is written before any lane reads its row
+
+
+@gluon.jit
+def _block_logits(ring, stage, q_code, key_bias, t0, lo, code_scale, qk_scale, D: gl.constexpr, G: gl.constexpr,
+                  BITS_K: gl.constexpr, CW_K: gl.constexpr, S: gl.constexpr, W: gl.constexpr, L: gl.constexpr,
+                  DTYPE: gl.constexpr):
+    """The logits [T, HN] (log2 units) of block t0, in `stage`: its key codes against Qs = q_code *
+    k_scale (one MMA chain a key word of the lane; units 2^(KF - EB)), plus its group's row of the
+    key-min table; -inf before max(lo, S) (the window, the sinks)."""
+    WPT: gl.constexpr = D * BITS_K // 128  # key words a lane reads of a token: one chunk of the scores each
+    kw = ring[0].index(stage).load(_key_tile_layout(D, BITS_K))
+    k_scale = _kappa_order(ring[1].index(stage).load(_quarters_layout(D)), D, gl.SliceLayout(1, OP_B))
+    qs = _split_rows(q_code * gl.expand_dims(k_scale, 1), WPT)  # one rounding of an exact product
+    kws = _split_leading(kw, WPT)
+    scores = gl.zeros([T, q_code.shape[1]], gl.float32, MMA)
+    for w in gl.static_range(WPT):  # chunk by chunk: the unpacked codes stay few registers
+        qs_w = gl.convert_layout(qs[w], OP_B, assert_trivial=True)
+        scores = mma_v2(_key_codes(kws[w], D // WPT, BITS_K, CW_K, DTYPE), qs_w, scores)
+    bias = key_bias.index(t0 // G % HM).load(gl.SliceLayout(0, MMA))  # [HN]
+    s = scores * code_scale + gl.expand_dims(bias * qk_scale, 0)
+    if S > 0 or W < L:
+        spos = gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(1, MMA)), 1)  # [T, 1] token of a score row
+        s = gl.where(t0 + spos >= gl.maximum(lo, S), s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _weigh_values(s, m_i, vw, vs_raw, v_min, l_acc, v_bias, acc, D: gl.constexpr, G: gl.constexpr,
+                  BITS_V: gl.constexpr, CW_V: gl.constexpr, KV: gl.constexpr, DTYPE: gl.constexpr):
+    """One block's softmax numerators p = 2^(s - m_i + KV) [T, HN] into l_acc, their value-min
+    terms into v_bias (one MMA, value groups as rows) and their value products into acc (one
+    [G, HN] accumulator a value group: code_v as A against p * v_scale as B)."""
+    NGV: gl.constexpr = D // G
+    CH_V: gl.constexpr = 128 // BITS_V if 128 // BITS_V > G else G  # a value chunk: whole words, whole groups
+    p = gl.exp2(s - gl.expand_dims(m_i - KV, 0))
+    l_acc += p
+    p_t = _value_operand(p.to(DTYPE))
+    v_bias = mma_v2(v_min, p_t, v_bias)
+    v_scale = _rows(vs_raw, NGV)
+    vws = _split_leading(vw, D // CH_V)
+    updated = ()
+    for c in gl.static_range(D // CH_V):
+        vals = _split_rows(_value_codes(vws[c], CH_V, BITS_V, CW_V, DTYPE), CH_V // G)
+        for i in gl.static_range(CH_V // G):
+            scale = gl.convert_layout(v_scale[c * (CH_V // G) + i], gl.SliceLayout(1, OP_B), assert_trivial=True)
+            b_g = p_t * gl.expand_dims(scale, 1)  # 16-bit products, two a lane instruction
+            a_g = gl.convert_layout(vals[i], OP_A, assert_trivial=True)
+            updated = updated + (mma_v2(a_g, b_g, acc[c * (CH_V // G) + i]),)
+    return l_acc, v_bias, updated
+
+
+@gluon.jit
+def _read_values(ring, stage, D: gl.constexpr, G: gl.constexpr, BITS_V: gl.constexpr, DTYPE: gl.constexpr):
+    """The value words and v_scale of the block in `stage`, in registers."""
+    return (ring[2].index(stage).load(_value_tile_layout(D, BITS_V)),
             _token_pairs(ring[3].index(stage).load(_token_pairs_layout(D // G, False)), DTYPE))
 
 
@@ -441,48 +501,45 @@ def _mma_kernel(
     for gv in gl.static_range(NGV):
         acc = acc + (gl.zeros([G, HN], gl.float32, MMA),)
     code_scale = qk_scale * _exp2(EB - KF)  # the scores' units: 2^(KF - EB)
-    m_i = gl.full([HN], -1e30, gl.float32, gl.SliceLayout(0, MMA))
     l_acc = gl.zeros([T, HN], gl.float32, MMA)
     v_bias = gl.zeros([HM, HN], gl.float32, MMA)  # rows: value groups
-    WPT: gl.constexpr = D * BITS_K // 128  # key words a lane reads of a token: one chunk of the scores each
-    CH_V: gl.constexpr = 128 // BITS_V if 128 // BITS_V > G else G  # a value chunk: whole words, whole groups
-    spos = gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(1, MMA)), 1)  # [T, 1] token of a score row
     ring = _allocate_ring(D, G, BITS_K, BITS_V, DTYPE)
     last = q_end - T  # copies past the end fetch the last block again: every iteration commits one group
     offsets = _tile_offsets(L, D, G, BITS_K, BITS_V)
     for i in gl.static_range(STAGES - 1):
         _copy_block(ring, i, offsets, KP, KS, VP, VS, gl.minimum(start + i * T, last), D, G, BITS_K, BITS_V)
     v_min_next = _load_value_min(VM, start, offsets, DTYPE)
-    for it in range((q_end - start) // T):
+    async_copy.wait_group(STAGES - 2)  # the first block has landed
+    gl.thread_barrier()
+    _key_min_table(key_bias, q_min, KM, start // G, L // G, D)
+    s_next = _block_logits(ring, 0, q_code, key_bias, start, lo, code_scale, qk_scale, D, G, BITS_K, CW_K, S, W, L,
+                           DTYPE)
+    m_i = gl.maximum(gl.max(s_next, 0), -1e30)  # [HN]
+    # A software pipeline of two blocks: iteration it weighs the values of block it with m_i
+    # (which already covers it) while block it + 1 is scored, in one branch-free stretch of code
+    # so that the two dependent chains interleave; the rare branches (key-min table, rescale)
+    # sit at the ends. The last block's values are weighed after the loop.
+    n_blocks = (q_end - start) // T
+    for it in range(n_blocks - 1):
         t0 = start + it * T
-        async_copy.wait_group(STAGES - 2)  # block t0 has landed
-        gl.thread_barrier()  # ... for every lane; and every lane is done reading the stage refilled next
-        kw, ks_raw, vw, vs_raw = _read_block(ring, it % STAGES, D, G, BITS_K, BITS_V, DTYPE)
-        v_min = v_min_next
-        v_min_next = _load_value_min(VM, gl.minimum(t0 + T, last), offsets, DTYPE)
+        t_next = t0 + T
+        # the stage refilled was last read in the previous iteration (a barrier is placed before this)
         _copy_block(ring, (it + STAGES - 1) % STAGES, offsets, KP, KS, VP, VS,
                     gl.minimum(t0 + (STAGES - 1) * T, last), D, G, BITS_K, BITS_V)
-
-        k_scale = _kappa_order(ks_raw, D, gl.SliceLayout(1, OP_B))
-        g = t0 // G
-        if (it == 0) | ((g % HM == 0) & (t0 % G == 0)):  # the key-min terms of the next 16 key groups
-            k_min = _key_min_operand(KM, g // HM * HM, L // G, D)
-            table = mma_v2(k_min, q_min.load(OP_B), gl.zeros([HM, HN], gl.float32, MMA))
-            key_bias._reinterpret(gl.float32, [HM, HN], _ring_layout([1, 0])).store(table)
-            gl.thread_barrier()  # the table is written before any lane reads its row
-        bias = key_bias.index(g % HM).load(gl.SliceLayout(0, MMA))  # [HN]
-        qs = _split_rows(q_code * gl.expand_dims(k_scale, 1), WPT)  # one rounding of an exact product
-        kws = _split_leading(kw, WPT)
-        scores = gl.zeros([T, HN], gl.float32, MMA)
-        for w in gl.static_range(WPT):  # chunk by chunk: the unpacked codes stay few registers
-            qs_w = gl.convert_layout(qs[w], OP_B, assert_trivial=True)
-            scores = mma_v2(_key_codes(kws[w], D // WPT, BITS_K, CW_K, DTYPE), qs_w, scores)
-        s = scores * code_scale + gl.expand_dims(bias * qk_scale, 0)
-        if S > 0 or W < L:  # the sinks, and positions before the window
-            s = gl.where(t0 + spos >= gl.maximum(lo, S), s, float("-inf"))
-
-        m_blk = gl.max(s, 0)
-        if gl.max(m_blk - m_i, 0) > TAU:
+        async_copy.wait_group(STAGES - 2)  # block t_next has landed
+        gl.thread_barrier()  # ... for every lane
+        if (t_next // G % HM == 0) & (t_next % G == 0):  # block t_next opens 16 new key groups
+            _key_min_table(key_bias, q_min, KM, t_next // G, L // G, D)
+        s = s_next
+        v_min = v_min_next
+        v_min_next = _load_value_min(VM, t_next, offsets, DTYPE)
+        vw, vs_raw = _read_values(ring, it % STAGES, D, G, BITS_V, DTYPE)
+        s_next = _block_logits(ring, (it + 1) % STAGES, q_code, key_bias, t_next, lo, code_scale, qk_scale, D, G,
+                               BITS_K, CW_K, S, W, L, DTYPE)
+        l_acc, v_bias, acc = _weigh_values(s, m_i, vw, vs_raw, v_min, l_acc, v_bias, acc, D, G, BITS_V, CW_V, KV,
+                                           DTYPE)
+        m_blk = gl.max(s_next, 0)
+        if gl.max(m_blk - m_i, 0) > TAU:  # block t_next beats the max by more than TAU
             m_new = gl.maximum(m_i, m_blk)
             alpha = gl.exp2(m_i - m_new)
             alpha_c = gl.expand_dims(alpha, 0)
@@ -493,21 +550,9 @@ def _mma_kernel(
                 rescaled = rescaled + (acc[gv] * alpha_c,)
             acc = rescaled
             m_i = m_new
-        p = gl.exp2(s - gl.expand_dims(m_i - KV, 0))  # [T, HN], carries 2^KV
-        l_acc += p
-        p_t = _value_operand(p.to(DTYPE))
-        v_bias = mma_v2(v_min, p_t, v_bias)
-        v_scale = _rows(vs_raw, NGV)
-        vws = _split_leading(vw, D // CH_V)
-        updated = ()
-        for c in gl.static_range(D // CH_V):
-            vals = _split_rows(_value_codes(vws[c], CH_V, BITS_V, CW_V, DTYPE), CH_V // G)
-            for i in gl.static_range(CH_V // G):
-                scale = gl.convert_layout(v_scale[c * (CH_V // G) + i], gl.SliceLayout(1, OP_B), assert_trivial=True)
-                b_g = p_t * gl.expand_dims(scale, 1)  # 16-bit products, two a lane instruction
-                a_g = gl.convert_layout(vals[i], OP_A, assert_trivial=True)
-                updated = updated + (mma_v2(a_g, b_g, acc[c * (CH_V // G) + i]),)
-        acc = updated
+    vw, vs_raw = _read_values(ring, (n_blocks - 1) % STAGES, D, G, BITS_V, DTYPE)
+    l_acc, v_bias, acc = _weigh_values(s_next, m_i, vw, vs_raw, v_min_next, l_acc, v_bias, acc, D, G, BITS_V, CW_V,
+                                       KV, DTYPE)
 
     # o[h, c] = (acc * 2^(EB - e(c)) + v_bias[gv]) / l, every factor carrying 2^KV
     l_i = gl.sum(l_acc, 0) * _exp2(-KV)
@@ -532,23 +577,42 @@ def supports(q: Tensor, bits_k: int, bits_v: int, heads_per_kv: int) -> bool:
             and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
-def register_cap(head_dim: int, bits_k: int, bits_v: int) -> int | None:
-    """Registers a thread (ptxas' maxnreg; None: ptxas' own choice, 208-234 at head_dim 128).
-    168 (12 warps an SM, no spills) at head_dim 64 with 2-bit codes, where it measured 9%
-    faster for MQA and even elsewhere; at head_dim 128 it was within -4%..+5% and at 4 bits
-    slower (benchmarks/NOTES.md)."""
-    return 168 if head_dim == 64 and bits_k == bits_v == 2 else None
+def register_cap(head_dim: int, bits_k: int, bits_v: int, heads_per_kv: int) -> int | None:
+    """Registers a thread (ptxas' maxnreg; None: ptxas' own choice); 168 gives 12 warps an SM
+    (programs_per_sm). With at most 8 query heads a program (HN = 8) the kernel takes 165-177
+    uncapped and 152-163 under the cap, with no spills (sm_90, every bit width, dtype and
+    sinks); with 16 (MQA) it takes 197-244, and 168 measured faster only at head_dim 64 with
+    2-bit codes (benchmarks/NOTES.md)."""
+    if heads_per_kv <= 8 or (head_dim == 64 and bits_k == bits_v == 2):
+        return 168
+    return None
 
 
-def default_splits(programs: int, heads_per_kv: int, head_dim: int, sms: int, registers: int | None) -> int:
-    """Splits of each slot's packed positions, for `programs` (slot, kv head) pairs: one wave of
-    the one-warp programs an SM holds at their register use (the cap `registers`, or uncapped 8
-    at head_dim 128, 12 at 64), at least 2, times the head chunks (MQA's chunks read the same
-    codes: more of them at once); measured in benchmarks/NOTES.md."""
+def programs_per_sm(head_dim: int, group_size: int, bits_k: int, bits_v: int, heads_per_kv: int,
+                    registers: int | None, shared_per_sm: int) -> int:
+    """One-warp programs an SM holds: a warp's registers come from one of the SM's four
+    16K-register quarters (168 a thread: 12 warps, 169..192: 8; uncapped, 8 is assumed), and
+    each program takes its shared memory (the ring's STAGES blocks of every tile of
+    _allocate_ring, q_min [D, HN] and the key-min table [16, HN]) plus 1 KB the hardware keeps."""
+    D, HN = head_dim, 16 if heads_per_kv > 8 else 8
+    block = T.value * D * (bits_k + bits_v) // 8 + 2 * D + D // group_size * 64  # codes, k_scale, v_scale words
+    shared = STAGES.value * block + D * HN * 2 + HM.value * HN * 4 + 1024
+    by_registers = 4 * (16384 // (32 * registers)) if registers else 8
+    return min(by_registers, shared_per_sm // shared)
+
+
+def default_splits(programs: int, heads_per_kv: int, length: int, resident: int) -> int:
+    """Splits of each slot's packed positions, for `programs` (slot, kv head) pairs over a store of
+    `length` positions, with `resident` programs on the GPU at once (programs_per_sm x SMs). They
+    run in waves of `resident`, so the count minimizes waves x (blocks a program + 2, its
+    prologue), at least 2. MQA's head chunks read the same codes: there one wave of splits times
+    the chunks, so that more of them run at once (measured in benchmarks/NOTES.md)."""
     chunks = triton.cdiv(heads_per_kv, HM)
-    warps = 65536 // (32 * registers) if registers else 8 if head_dim == 128 else 12
-    resident = warps * sms
-    return max(2, resident // (programs * chunks)) * chunks
+    if chunks > 1:
+        return max(2, resident // (programs * chunks)) * chunks
+    blocks = triton.cdiv(length, T)
+    cost = lambda s: triton.cdiv(programs * s, resident) * (triton.cdiv(blocks, s) + 2)
+    return min(range(2, 65), key=cost)
 
 
 def packed_attention(q: Tensor, k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor,
@@ -567,5 +631,5 @@ def packed_attention(q: Tensor, k_packed: Tensor, k_scale: Tensor, k_min: Tensor
         q.stride(0), q.stride(1), qk_scale, num_splits,
         H=H, HG=HG, HN=16 if HG > 8 else 8, NUM_CHUNKS=chunks, L=L, S=n_sink, W=window, D=D, G=group_size, BITS_K=bits_k,
         BITS_V=bits_v, NUM_PARTS=o_part.shape[2], PART0=part0, DTYPE=_GL_DTYPES[q.dtype], num_warps=1,
-        maxnreg=register_cap(D, bits_k, bits_v),
+        maxnreg=register_cap(D, bits_k, bits_v, HG),
     )

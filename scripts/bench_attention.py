@@ -14,7 +14,7 @@ fullgraph=True) against eager. Random data; every slot at length L.
     python scripts/bench_attention.py [--quick] [--splits] [--caps] [--json OUT]
 
 --caps also times the tensor-core path with ptxas' register cap forced to none, 192 and 168
-(12 warps an SM), each at the split count of one wave of its resident warps.
+(8, 8 and 12 warps an SM), each at the default split count for that residency.
 
 --json writes {"device", "torch", "triton", "rows": [{"shape", "bits", "kivi_us", "sdpa_us"}]}.
 """

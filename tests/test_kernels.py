@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from kernels.decode_attention import decode_attention
+from kernels.decode_attention import decode_attention, mma_attention
 from kernels.quantize import flush, quantize_prompt
 from kernels.reference import decode_attention_reference, flush_reference, hide_sinks, quantize_prompt_reference
 from kivi_cache import n_quantized
@@ -176,6 +176,19 @@ def test_decode_attention_tensor_cores_splits(nan_allocations, num_splits):
     """Any split count covers every packed position once, more splits than blocks included."""
     check_attention((5, 300, 1000, 2049), 2, 8, 128, 2304, 64, 4, 32, (2, 2), torch.bfloat16, num_splits,
                     tensor_cores=True)
+
+
+@pytest.mark.skipif(mma_attention is None, reason="needs Gluon (Triton 3.6 or later)")
+def test_tensor_core_residency_and_splits():
+    """Programs an SM holds: 12 at 168 registers (2-bit, 228 KB of shared memory an SM), 10 at
+    4 bits (shared memory binds), 8 uncapped; the default split count fills whole waves."""
+    smem, sms = 228 * 1024, 132
+    assert mma_attention.programs_per_sm(128, 32, 2, 2, 4, mma_attention.register_cap(128, 2, 2, 4), smem) == 12
+    assert mma_attention.programs_per_sm(128, 32, 4, 4, 4, 168, smem) == 10
+    assert mma_attention.programs_per_sm(64, 32, 4, 4, 71, None, smem) == 8
+    assert mma_attention.default_splits(256, 4, 8192, 12 * sms) == 6  # 1536 programs: one wave of 1584
+    assert mma_attention.default_splits(1024, 1, 4096, 12 * sms) == 3  # 2 splits: 1.3 waves, the second short
+    assert mma_attention.default_splits(64, 71, 8192, 12 * sms) % 5 == 0  # whole 16-head chunks of 71
 
 
 @GPU
