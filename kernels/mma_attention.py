@@ -58,6 +58,12 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+# Names that changed after Triton 3.6 (torch 2.11's): the copy into shared memory, the CTA
+# barrier and the reinterpretation of a shared buffer (a method, so chosen by a constexpr flag).
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+_PUBLIC_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
+
 T = gl.constexpr(32)  # tokens a block
 HM = gl.constexpr(16)  # query heads a program serves at most; the rows of an MMA
 TAU = gl.constexpr(8.0)
@@ -275,11 +281,11 @@ def _copy_block(ring, stage, offsets, KP, KS, VP, VS, t0, D: gl.constexpr, G: gl
     _tile_offsets; the barrier after the wait makes every lane's copies visible to all)."""
     NGV: gl.constexpr = D // G
     key, k_scale, value, v_scale, _, _ = offsets
-    async_copy.async_copy_global_to_shared(ring[0].index(stage), (KP + t0 * (D * BITS_K // 32)) + key)
-    async_copy.async_copy_global_to_shared(ring[1].index(stage), (KS + t0 // G * D) + k_scale)
-    async_copy.async_copy_global_to_shared(ring[2].index(stage), (VP + t0 * (D * BITS_V // 32)) + value)
+    _async_load(ring[0].index(stage), (KP + t0 * (D * BITS_K // 32)) + key)
+    _async_load(ring[1].index(stage), (KS + t0 // G * D) + k_scale)
+    _async_load(ring[2].index(stage), (VP + t0 * (D * BITS_V // 32)) + value)
     # v_scale as words of token pairs (cp.async moves 4 bytes at least)
-    async_copy.async_copy_global_to_shared(ring[3].index(stage), (VS + t0).to(gl.pointer_type(gl.int32)) + v_scale)
+    _async_load(ring[3].index(stage), (VS + t0).to(gl.pointer_type(gl.int32)) + v_scale)
     async_copy.commit_group()
 
 
@@ -290,8 +296,12 @@ def _key_min_table(key_bias, q_min, KM, g, NG: gl.constexpr, D: gl.constexpr):
     HN: gl.constexpr = key_bias.shape[1]
     k_min = _key_min_operand(KM, g // HM * HM, NG, D)
     table = mma_v2(k_min, q_min.load(OP_B), gl.zeros([HM, HN], gl.float32, MMA))
-    key_bias._reinterpret(gl.float32, [HM, HN], _ring_layout([1, 0])).store(table)
-    gl.thread_barrier()  # the table is written before any lane reads its row
+    layout: gl.constexpr = _ring_layout([1, 0])
+    if _PUBLIC_REINTERPRET:
+        key_bias.reinterpret(gl.float32, [HM, HN], layout).store(table)
+    else:
+        key_bias._reinterpret(gl.float32, [HM, HN], layout).store(table)
+    _barrier()  # the table is written before any lane reads its row
 
 
 @gluon.jit
@@ -510,7 +520,7 @@ def _mma_kernel(
         _copy_block(ring, i, offsets, KP, KS, VP, VS, gl.minimum(start + i * T, last), D, G, BITS_K, BITS_V)
     v_min_next = _load_value_min(VM, start, offsets, DTYPE)
     async_copy.wait_group(STAGES - 2)  # the first block has landed
-    gl.thread_barrier()
+    _barrier()
     _key_min_table(key_bias, q_min, KM, start // G, L // G, D)
     s_next = _block_logits(ring, 0, q_code, key_bias, start, lo, code_scale, qk_scale, D, G, BITS_K, CW_K, S, W, L,
                            DTYPE)
@@ -527,7 +537,7 @@ def _mma_kernel(
         _copy_block(ring, (it + STAGES - 1) % STAGES, offsets, KP, KS, VP, VS,
                     gl.minimum(t0 + (STAGES - 1) * T, last), D, G, BITS_K, BITS_V)
         async_copy.wait_group(STAGES - 2)  # block t_next has landed
-        gl.thread_barrier()  # ... for every lane
+        _barrier()  # ... for every lane
         if (t_next // G % HM == 0) & (t_next % G == 0):  # block t_next opens 16 new key groups
             _key_min_table(key_bias, q_min, KM, t_next // G, L // G, D)
         s = s_next
