@@ -34,10 +34,10 @@ from quantize_kv import check_bits
 
 def n_quantized(lengths: Tensor | int, residual_len: int, group_size: int) -> Tensor | int:
     """Tokens held in the packed store, for slot lengths [B] (int32) or one length (see the top)."""
-    full = (lengths - residual_len) // group_size + 1  # floor division: <= 0 below R
+    full = (lengths + (group_size - residual_len)) // group_size  # groups flushed; floor division: <= 0 below R
     if isinstance(full, int):
         return group_size * max(full, 0)
-    return (group_size * full).clamp(min=0).to(torch.int32)
+    return full.clamp(min=0) * group_size  # int32, as lengths
 
 
 def parse_kv_mode(mode: str) -> tuple[int, int] | None:

@@ -247,9 +247,12 @@ def dynamic_frequencies(args: ModelArgs, inv_freq: Tensor, seq_len: Tensor) -> T
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, T, heads, D] in rotate-half layout; cos, sin [B or 1, T, 1, D / 2] float32."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+    """x [B, T, heads, D] in rotate-half layout (halves x1, x2: real and imaginary parts);
+    cos [B or 1, T, 1, D] float32 the cosine of each angle, twice, and sin its sine with the
+    first copy negated, so that x1 cos - x2 sin, x2 cos + x1 sin is x cos + [x2, x1] sin."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -259,8 +262,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # normalized in float32, scaled in the model dtype (as Llama's reference does)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def make_norm(args: ModelArgs) -> nn.Module:
@@ -323,13 +326,12 @@ class Attention(nn.Module):
                 seq_lens: list[int] | None) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        qkv = self.wqkv(x)  # [B, T, q_size + 2 * kv_size]
+        qk = qkv[..., : q_size + kv_size].view(B, T, self.n_heads + self.n_kv_heads, self.head_dim)
+        v = qkv[..., q_size + kv_size :].view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = torch.cat([self.q_norm(qk[:, :, : self.n_heads]), self.k_norm(qk[:, :, self.n_heads :])], dim=2)
+        q, k = apply_rope(qk, cos, sin).split([self.n_heads, self.n_kv_heads], dim=2)  # RoPE on q and k at once
         if input_pos is not None:  # decode: one new token per slot, through the cache
             y = self.kv_cache.decode(q[:, 0], k[:, 0], v[:, 0], input_pos)  # [B, heads, D]
             return self.wo(y.reshape(B, 1, q_size))
@@ -394,13 +396,14 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = make_cache()
 
     def rope(self, positions: Tensor, seq_len: Tensor) -> tuple[Tensor, Tensor]:
-        """positions [B or 1, T] -> cos, sin [B or 1, T, 1, D/2]. Dynamic scaling takes the
-        frequencies of each position's sequence length seq_len [B or 1, T or 1]."""
+        """positions [B or 1, T] -> cos, sin [B or 1, T, 1, D] as apply_rope takes them. Dynamic
+        scaling takes the frequencies of each position's sequence length seq_len [B or 1, T or 1]."""
         inv_freq = self.inv_freq
         if self.args.rope_type == "dynamic":
             inv_freq = dynamic_frequencies(self.args, inv_freq, seq_len)  # [B or 1, T or 1, D/2]
         angles = positions.float()[..., None] * inv_freq  # [B or 1, T, D/2]
-        return angles.cos()[:, :, None], angles.sin()[:, :, None]
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat([cos, cos], dim=-1)[:, :, None], torch.cat([-sin, sin], dim=-1)[:, :, None]
 
     def forward(
         self, tokens: Tensor, input_pos: Tensor | None = None, slots: Tensor | None = None,

@@ -104,30 +104,42 @@ def decode_attention_reference(
 ) -> Tensor:
     """Attention of one query token per slot, q [B, Hq, D], over positions 0..lengths[b]-1
     of slot b (sinks, dequantized store, ring), or with window > 0 over the last `window` of
-    them, for all slots together: one masked attention when the longest slot fits in
-    CHUNK_TOKENS, else chunk by chunk with an online softmax. Returns [B, Hq, D] in q's dtype;
-    computed in float32."""
+    them, for all slots together: one attention when the longest slot fits in CHUNK_TOKENS,
+    else chunk by chunk with an online softmax. Returns [B, Hq, D] in q's dtype; computed in
+    float32.
+
+    The lengths are read on the host (this runs on the CPU, or as an eager op): which stores a
+    chunk touches, and whether any position is dead at all, are decided there, so that a
+    batch of one at batch-1 decode costs little more than one SDPA call."""
     B, Hq, D = q.shape
     H = k_ring.shape[1]
-    qf = q.float().view(B, H, Hq // H, D) * sm_scale
-    lengths, n_quantized = lengths.long()[:, None], n_quantized.long()[:, None]  # [B, 1]
+    qf = q.float().view(B, H, Hq // H, D)
+    lens = lengths.tolist()
+    longest, quantized = max(lens), max(n_quantized.tolist())
+    # dead positions: past a shorter slot's length, or before a slot's window
+    masked = min(lens) < longest or 0 < window < longest
     chunk = CHUNK_TOKENS // group_size * group_size
-    longest = int(lengths.max())
     store = (k_ring, v_ring, k_sink, v_sink, k_packed, k_scale, k_min, v_packed, v_scale, v_min)
     if longest == 0:
         return torch.zeros_like(q)
-    if longest <= chunk:  # one chunk: a plain masked attention
-        keys, values, dead = _positions(0, longest, store, lengths, n_quantized, bits_k, bits_v, group_size, window)
-        out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=~dead.transpose(2, 3), scale=1.0)
+
+    def positions(c0: int, c_end: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        return _positions(c0, c_end, store, lengths, n_quantized, quantized, masked, bits_k, bits_v, group_size, window)
+
+    if longest <= chunk:  # one chunk: a plain (masked) attention
+        keys, values, dead = positions(0, longest)
+        mask = None if dead is None else ~dead.transpose(2, 3)
+        out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=sm_scale)
         return out.reshape(B, Hq, D).to(q.dtype)  # SDPA may return it strided
+    qf = qf * sm_scale
     m = torch.full((B, H, Hq // H), float("-inf"), device=q.device)
     denom = torch.zeros_like(m)
     acc = torch.zeros(B, H, Hq // H, D, device=q.device)
     for c0 in range(0, longest, chunk):
-        keys, values, dead = _positions(c0, min(c0 + chunk, longest), store, lengths, n_quantized, bits_k, bits_v,
-                                        group_size, window)
+        keys, values, dead = positions(c0, min(c0 + chunk, longest))
         scores = torch.einsum("bhrd,bhtd->bhrt", qf, keys)
-        scores = scores.masked_fill(dead.transpose(2, 3), float("-inf"))
+        if dead is not None:
+            scores = scores.masked_fill(dead.transpose(2, 3), float("-inf"))
         m_new = torch.maximum(m, scores.amax(-1))
         m_safe = m_new.masked_fill(m_new == float("-inf"), 0)  # a slot with nothing live yet
         p = torch.exp(scores - m_safe[..., None])
@@ -138,21 +150,22 @@ def decode_attention_reference(
     return (acc / denom[..., None]).view(B, Hq, D).to(q.dtype)
 
 
-def _positions(c0: int, c_end: int, store: tuple, lengths: Tensor, n_quantized: Tensor, bits_k: int, bits_v: int,
-               G: int, window: int) -> tuple[Tensor, Tensor, Tensor]:
+def _positions(c0: int, c_end: int, store: tuple, lengths: Tensor, n_quantized: Tensor, quantized: int, masked: bool,
+               bits_k: int, bits_v: int, G: int, window: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """Keys and values [B, H, T, D] float32 of positions c0 .. c_end - 1 of every slot, read
-    from the sinks, the dequantized store or the ring (values of dead positions zeroed), and
-    dead [B, 1, T, 1]: positions outside each slot (past its length, before its window)."""
+    from the sinks, the dequantized store or the ring, and dead [B, 1, T, 1]: positions
+    outside each slot (past its length, before its window), their values zeroed; dead is None
+    when `masked` says no slot has any. quantized: the most any slot holds in the store."""
     k_ring, v_ring, k_sink, v_sink, k_packed, k_scale, k_min, v_packed, v_scale, v_min = store
     R, S = k_ring.shape[2], k_sink.shape[2]
+    c1 = min(c_end, quantized)
     pos = torch.arange(c0, c_end, device=k_ring.device)  # [T]
-    c1 = min(c_end, int(n_quantized.max()))
     if c1 <= c0 and c0 >= S and c_end <= R:  # ring positions only, at ring index p % R = p: a read-only view
         keys, values = k_ring[:, :, c0:c_end].float(), v_ring[:, :, c0:c_end].float()
     else:
         keys, values = k_ring[:, :, pos % R].float(), v_ring[:, :, pos % R].float()  # copies
     if c1 > c0:  # some slot has quantized positions in this chunk
-        in_store = (pos[: c1 - c0] < n_quantized)[:, None, :, None]  # [B, 1, T', 1]
+        in_store = (pos[: c1 - c0] < n_quantized[:, None])[:, None, :, None]  # [B, 1, T', 1]
         stored_k = dequantize_keys(k_packed[:, :, c0:c1], k_scale[:, :, c0 // G : c1 // G],
                                    k_min[:, :, c0 // G : c1 // G], bits_k, G)
         stored_v = dequantize_values(v_packed[:, :, c0:c1], v_scale[..., c0:c1], v_min[..., c0:c1], bits_v, G)
@@ -162,6 +175,9 @@ def _positions(c0: int, c_end: int, store: tuple, lengths: Tensor, n_quantized: 
         n = min(S, c_end) - c0
         keys[:, :, :n] = k_sink[:, :, c0 : c0 + n].float()
         values[:, :, :n] = v_sink[:, :, c0 : c0 + n].float()
-    dead = (pos >= lengths) | (pos < lengths - window if window else False)  # [B, T]
+    if not masked:
+        return keys, values, None
+    length = lengths[:, None]  # [B, 1]
+    dead = (pos >= length) | (pos < length - window if window else False)  # [B, T]
     dead = dead[:, None, :, None]
     return keys, values.masked_fill(dead, 0), dead  # a dead key only meets a masked score
