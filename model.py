@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tp
+from kernels import pointwise
 
 # cuDNN attention (the default on Hopper) builds a plan for every new prompt length, about
 # 1 ms of host time a layer: batch generation meets a new length with nearly every prompt.
@@ -246,10 +247,19 @@ def dynamic_frequencies(args: ModelArgs, inv_freq: Tensor, seq_len: Tensor) -> T
     return inv_freq * stretch ** -exponent
 
 
+def fused_kernels(x: Tensor) -> bool:
+    """Whether the elementwise chains below run as one Triton kernel each (kernels/pointwise.py):
+    in the eager forward on the GPU, prefill above all. Compiled code takes the PyTorch, which
+    Inductor fuses itself; the CPU takes it too. The PyTorch is the kernels' reference."""
+    return x.is_cuda and not torch.compiler.is_compiling()
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [B, T, heads, D] in rotate-half layout (halves x1, x2: real and imaginary parts);
     cos [B or 1, T, 1, D] float32 the cosine of each angle, twice, and sin its sine with the
     first copy negated, so that x1 cos - x2 sin, x2 cos + x1 sin is x cos + [x2, x1] sin."""
+    if fused_kernels(x):
+        return pointwise.rope(x, cos, sin)
     x32 = x.float()
     x1, x2 = x32.chunk(2, dim=-1)
     return (x32 * cos + torch.cat([x2, x1], dim=-1) * sin).type_as(x)
@@ -263,6 +273,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # normalized in float32, scaled in the model dtype (as Llama's reference does)
+        if fused_kernels(x):
+            return pointwise.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
@@ -356,6 +368,8 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.gated:
             return self.w2(F.gelu(self.w13(x)))
+        if fused_kernels(x):
+            return self.w2(pointwise.swiglu(self.w13(x)))
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 

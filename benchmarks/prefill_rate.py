@@ -8,7 +8,7 @@ same run (an 8192^3 product on random data). Llama-2-7B shape, random bf16 weigh
 Model FLOPs of a prompt of T tokens: 2 per weight of the layers' linear maps per token, the
 output head once (only the last position's logits are computed) and causal attention's
 2 * 2 * T(T+1)/2 * heads * head_dim a layer.
---profile N: also profile 8 packed prefills of N tokens in each mode, ops by host time.
+--profile N: also profile 8 packed prefills of N tokens in each mode, ops by GPU time.
 """
 
 import argparse
@@ -88,4 +88,4 @@ with torch.inference_mode():
             timed(prompts, True)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 timed(prompts, True)
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20))

@@ -15,7 +15,8 @@ the CPU. (The Python names end in _op so that they do not shadow the kernel modu
 implementation is the pure-PyTorch reference (kernels/reference.py); CUDA
 tensors go to the Triton and Gluon kernels (kernels/decode_attention.py, which reads the
 packed store on the tensor cores through kernels/mma_attention.py where it serves, and
-kernels/quantize.py).
+kernels/quantize.py). kernels/pointwise.py holds no op: its elementwise kernels (RoPE, RMSNorm,
+SwiGLU) are called by the model's eager forward on the GPU directly.
 """
 
 import torch

@@ -2,7 +2,8 @@
 
     python scripts/check_gpu.py [--steps 1000] [--skip-kernel-tests]
 
-First the kernel tests (tests/test_kernels.py: the tensor-core kernels run only on a GPU).
+First the kernel tests (tests/test_kernels.py: the tensor-core kernels run only on a GPU;
+tests/test_pointwise.py: the prefill's elementwise kernels, bfloat16 only on a GPU).
 Then, for each model and cache mode, a random-weight model decodes a batch of prompts of
 different lengths for --steps greedy steps with the step compiled by
 torch.compile(mode="reduce-overhead", fullgraph=True), across many flushes. It asserts:
@@ -129,7 +130,8 @@ def main() -> None:
     if not args.skip_kernel_tests:
         import pytest
 
-        if pytest.main(["-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels.py")]) != 0:
+        kernel_tests = [str(ROOT / "tests" / name) for name in ("test_kernels.py", "test_pointwise.py")]
+        if pytest.main(["-q", "-p", "no:cacheprovider", *kernel_tests]) != 0:
             sys.exit("error: kernel tests failed on the GPU")
 
     def logits_step(model, tokens, input_pos):
