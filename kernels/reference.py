@@ -126,6 +126,11 @@ def decode_attention_reference(
     def positions(c0: int, c_end: int) -> tuple[Tensor, Tensor, Tensor | None]:
         return _positions(c0, c_end, store, lengths, n_quantized, quantized, masked, bits_k, bits_v, group_size, window)
 
+    if longest <= chunk and not masked and quantized == min(n_quantized.tolist()):
+        # every slot alike (batch 1 above all): the store and the ring's runs side by side
+        keys, values = _uniform_positions(store, quantized, longest, bits_k, bits_v, group_size)
+        out = F.scaled_dot_product_attention(qf, keys, values, scale=sm_scale)
+        return out.reshape(B, Hq, D).to(q.dtype)
     if longest <= chunk:  # one chunk: a plain (masked) attention
         keys, values, dead = positions(0, longest)
         mask = None if dead is None else ~dead.transpose(2, 3)
@@ -148,6 +153,27 @@ def decode_attention_reference(
         acc = acc * alpha[..., None] + torch.einsum("bhrt,bhtd->bhrd", p, values)
         m = m_new
     return (acc / denom[..., None]).view(B, Hq, D).to(q.dtype)
+
+
+def _uniform_positions(store: tuple, n_q: int, length: int, bits_k: int, bits_v: int, G: int) -> tuple[Tensor, Tensor]:
+    """Keys and values [B, H, length, D] float32 of positions 0 .. length - 1 when every slot
+    holds `length` positions, the first n_q in the store: the sinks, the rest of the
+    dequantized store, then positions n_q .. length - 1 at ring index p % R, two runs at most
+    (length - n_q <= R), read without a gather."""
+    k_ring, v_ring, k_sink, v_sink, k_packed, k_scale, k_min, v_packed, v_scale, v_min = store
+    R, S = k_ring.shape[2], k_sink.shape[2]
+    start, count = n_q % R, length - n_q
+    first = min(count, R - start)
+    keys = [k_ring[:, :, start : start + first], k_ring[:, :, : count - first]]
+    values = [v_ring[:, :, start : start + first], v_ring[:, :, : count - first]]
+    if n_q > 0:
+        keys.insert(0, dequantize_keys(k_packed[:, :, :n_q], k_scale[:, :, : n_q // G], k_min[:, :, : n_q // G], bits_k, G))
+        values.insert(0, dequantize_values(v_packed[:, :, :n_q], v_scale[..., :n_q], v_min[..., :n_q], bits_v, G))
+    keys, values = torch.cat(keys, dim=2).float(), torch.cat(values, dim=2).float()
+    n = min(S, length)
+    if n > 0:  # sink positions come from the sink buffer
+        keys[:, :, :n], values[:, :, :n] = k_sink[:, :, :n].float(), v_sink[:, :, :n].float()
+    return keys, values
 
 
 def _positions(c0: int, c_end: int, store: tuple, lengths: Tensor, n_quantized: Tensor, quantized: int, masked: bool,

@@ -493,6 +493,24 @@ def test_decode_attention_equals_dense_dequantize_then_attend(bits_k, bits_v, Hq
             assert (out[b].double() - dense_attention(q[b], K, V)).abs().max() <= attention_tol(q[b], K, V)
 
 
+@pytest.mark.parametrize("bits_k,bits_v,Hq,H,S", ATTN_CASES)
+def test_decode_attention_of_slots_alike_equals_dense_dequantize_then_attend(bits_k, bits_v, Hq, H, S):
+    """Every slot at one length (batch 1's case): the reference reads the store and the ring's
+    runs side by side, through flushes and ring wraps."""
+    G, R, D = 16, 32, 32
+    gen = torch.Generator().manual_seed(43)
+    cache = KiviCache(2, H, D, 120, bits_k, bits_v, G, R, S, torch.float32)
+    cache.prefill(torch.tensor([0, 1]), kv_tokens(gen, (2, H, 20, D)), kv_tokens(gen, (2, H, 20, D)))
+    pos = torch.tensor([20, 20])
+    for _ in range(70):
+        q = kv_tokens(gen, (2, Hq, D))
+        out = cache.decode(q, kv_tokens(gen, (2, H, D)), kv_tokens(gen, (2, H, D)), pos)
+        pos = pos + 1
+        for b in range(2):
+            K, V = cache_view(cache, b, int(pos[b]))
+            assert (out[b].double() - dense_attention(q[b], K, V)).abs().max() <= attention_tol(q[b], K, V)
+
+
 @pytest.mark.parametrize("S", [0, 3])
 def test_kivi_attention_equals_static_cache_while_nothing_is_quantized(S):
     G, R, H, Hq, D = 16, 64, 2, 4, 32
