@@ -475,38 +475,22 @@ ATTN_CASES = [  # bits_k, bits_v, Hq, H, n_sink
 ]
 
 
+@pytest.mark.parametrize("lens", [[5, 40, 70], [20, 20]], ids=["lengths-apart", "slots-alike"])
 @pytest.mark.parametrize("bits_k,bits_v,Hq,H,S", ATTN_CASES)
-def test_decode_attention_equals_dense_dequantize_then_attend(bits_k, bits_v, Hq, H, S):
-    G, R, D = 16, 32, 32
+def test_decode_attention_equals_dense_dequantize_then_attend(bits_k, bits_v, Hq, H, S, lens):
+    """Through flushes and ring wraps; slots all at one length (batch 1's case) take the
+    reference's path that reads the store and the ring's runs side by side."""
+    G, R, D, B = 16, 32, 32, len(lens)
     gen = torch.Generator().manual_seed(41)
-    lens = [5, 40, 70]
-    cache = KiviCache(3, H, D, 120, bits_k, bits_v, G, R, S, torch.float32)
+    cache = KiviCache(B, H, D, 120, bits_k, bits_v, G, R, S, torch.float32)
     for b, T in enumerate(lens):
         cache.prefill(torch.tensor([b]), kv_tokens(gen, (1, H, T, D)), kv_tokens(gen, (1, H, T, D)))
     pos = torch.tensor(lens)
-    for _ in range(40):
-        q = kv_tokens(gen, (3, Hq, D))
-        out = cache.decode(q, kv_tokens(gen, (3, H, D)), kv_tokens(gen, (3, H, D)), pos)
+    for _ in range(45):
+        q = kv_tokens(gen, (B, Hq, D))
+        out = cache.decode(q, kv_tokens(gen, (B, H, D)), kv_tokens(gen, (B, H, D)), pos)
         pos = pos + 1
-        for b in range(3):
-            K, V = cache_view(cache, b, int(pos[b]))
-            assert (out[b].double() - dense_attention(q[b], K, V)).abs().max() <= attention_tol(q[b], K, V)
-
-
-@pytest.mark.parametrize("bits_k,bits_v,Hq,H,S", ATTN_CASES)
-def test_decode_attention_of_slots_alike_equals_dense_dequantize_then_attend(bits_k, bits_v, Hq, H, S):
-    """Every slot at one length (batch 1's case): the reference reads the store and the ring's
-    runs side by side, through flushes and ring wraps."""
-    G, R, D = 16, 32, 32
-    gen = torch.Generator().manual_seed(43)
-    cache = KiviCache(2, H, D, 120, bits_k, bits_v, G, R, S, torch.float32)
-    cache.prefill(torch.tensor([0, 1]), kv_tokens(gen, (2, H, 20, D)), kv_tokens(gen, (2, H, 20, D)))
-    pos = torch.tensor([20, 20])
-    for _ in range(70):
-        q = kv_tokens(gen, (2, Hq, D))
-        out = cache.decode(q, kv_tokens(gen, (2, H, D)), kv_tokens(gen, (2, H, D)), pos)
-        pos = pos + 1
-        for b in range(2):
+        for b in range(B):
             K, V = cache_view(cache, b, int(pos[b]))
             assert (out[b].double() - dense_attention(q[b], K, V)).abs().max() <= attention_tol(q[b], K, V)
 
