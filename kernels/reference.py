@@ -114,8 +114,8 @@ def decode_attention_reference(
     B, Hq, D = q.shape
     H = k_ring.shape[1]
     qf = q.float().view(B, H, Hq // H, D)
-    lens = lengths.tolist()
-    longest, quantized = max(lens), max(n_quantized.tolist())
+    lens, stored = lengths.tolist(), n_quantized.tolist()
+    longest, quantized = max(lens), max(stored)
     # dead positions: past a shorter slot's length, or before a slot's window
     masked = min(lens) < longest or 0 < window < longest
     chunk = CHUNK_TOKENS // group_size * group_size
@@ -126,13 +126,11 @@ def decode_attention_reference(
     def positions(c0: int, c_end: int) -> tuple[Tensor, Tensor, Tensor | None]:
         return _positions(c0, c_end, store, lengths, n_quantized, quantized, masked, bits_k, bits_v, group_size, window)
 
-    if longest <= chunk and not masked and quantized == min(n_quantized.tolist()):
-        # every slot alike (batch 1 above all): the store and the ring's runs side by side
-        keys, values = _uniform_positions(store, quantized, longest, bits_k, bits_v, group_size)
-        out = F.scaled_dot_product_attention(qf, keys, values, scale=sm_scale)
-        return out.reshape(B, Hq, D).to(q.dtype)
     if longest <= chunk:  # one chunk: a plain (masked) attention
-        keys, values, dead = positions(0, longest)
+        if not masked and quantized == min(stored):  # every slot alike (batch 1 above all)
+            keys, values, dead = *_uniform_positions(store, quantized, longest, bits_k, bits_v, group_size), None
+        else:
+            keys, values, dead = positions(0, longest)
         mask = None if dead is None else ~dead.transpose(2, 3)
         out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=sm_scale)
         return out.reshape(B, Hq, D).to(q.dtype)  # SDPA may return it strided
