@@ -181,7 +181,9 @@ def _merge_kernel(O_PART, LSE_PART, OUT, LENGTHS, stride_ob, stride_oh, SPLIT, P
     lse = tl.load(LSE_PART + pid * NUM_PARTS + i, mask=i < live, other=float("-inf"))
     top = tl.max(lse, 0)
     w = tl.where(lse > float("-inf"), tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)  # [NP]
-    o = tl.load(O_PART + (pid * NUM_PARTS + i)[:, None] * D + d[None, :], mask=(w > 0)[:, None], other=0.0)
+    # read beside lse, not after it; a part with nothing (-inf) may hold garbage, NaN included
+    o = tl.load(O_PART + (pid * NUM_PARTS + i)[:, None] * D + d[None, :], mask=(i < live)[:, None], other=0.0)
+    o = tl.where((w > 0)[:, None], o, 0.0)
     den = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0, den, 1.0)
     tl.store(OUT + pid // Hq * stride_ob + pid % Hq * stride_oh + d, out.to(OUT.dtype.element_ty))
@@ -193,6 +195,11 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 @functools.cache
@@ -249,18 +256,29 @@ def decode_attention(
     o_part = torch.empty(B, Hq, parts, D, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B, Hq, parts, device=q.device, dtype=torch.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    _decode_kernel[(ring_parts, B * H)](
-        q, k_ring, v_ring, k_sink, v_sink, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
-        lengths, n_quantized, o_part, lse_part, q.stride(0), q.stride(1), qk_scale, ring_split,
-        H=H, L=L, R=R, S=S, W=W, HG=HG, HP=max(16, triton.next_power_of_2(HG)), D=D, G=G, BITS_K=bits_k, BITS_V=bits_v,
-        PACKED=L > 0 and not use_mma, NUM_PARTS=parts, PART0=0, DOT=_TL_DTYPES[dot], BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-    )
+    # tensor cores: the ring's partial runs on a side stream, beside the packed kernel (other parts)
+    # (grouped heads only: at one head a group its B * H programs of padded 16-row tiles slowed the
+    # packed kernel more than they hid, benchmarks/NOTES.md)
+    side = _side_stream(q.device) if use_mma and HG > 1 else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(q.device))
+    with torch.cuda.stream(side):  # None: the current stream
+        _decode_kernel[(ring_parts, B * H)](
+            q, k_ring, v_ring, k_sink, v_sink, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
+            lengths, n_quantized, o_part, lse_part, q.stride(0), q.stride(1), qk_scale, ring_split,
+            H=H, L=L, R=R, S=S, W=W, HG=HG, HP=max(16, triton.next_power_of_2(HG)), D=D, G=G, BITS_K=bits_k,
+            BITS_V=bits_v, PACKED=L > 0 and not use_mma, NUM_PARTS=parts, PART0=0, DOT=_TL_DTYPES[dot],
+            BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+        )
     if use_mma:
         mma_attention.packed_attention(q, k_packed, k_scale, k_min, v_packed, v_scale, v_min, lengths, n_quantized,
                                        o_part, lse_part, bits_k, bits_v, G, S, W, qk_scale, num_splits, part0=1)
+        if side is not None:
+            torch.cuda.current_stream(q.device).wait_stream(side)  # the merge reads both
     out = torch.empty_like(q)
     # plain: the parts of the splits below the length; tensor cores: every part of a live slot
     merge_split, per_split = (ring_split, parts) if use_mma else (split, 1)
+    NP = triton.next_power_of_2(parts)
     _merge_kernel[(B * Hq,)](o_part, lse_part, out, lengths, out.stride(0), out.stride(1), merge_split, per_split,
-                             parts, Hq=Hq, D=D, NP=triton.next_power_of_2(parts), G=G, W=W)
+                             parts, Hq=Hq, D=D, NP=NP, G=G, W=W, num_warps=min(8, max(1, NP * D // 1024)))  # ~32 a thread
     return out

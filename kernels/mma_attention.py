@@ -9,10 +9,11 @@ live length; lo is 0, or with a sliding window of W positions the block of max(0
 writes one partial result (normalized output and log2-sum-exp, -inf when it has no tokens) at
 part PART0 + s; the sinks, the ring and the merge are kernels/decode_attention.py's.
 
-A 2- or 4-bit code c whose bits are masked into the low mantissa of an otherwise zero 16-bit
-float is the exact subnormal c * 2^(e - EB) (EB = 133 for bf16, 24 for fp16; e its bit offset),
-and a word gives two of them, its two halves, with one LOP3: that pair is one 32-bit MMA
-operand register. The store's packed layouts (quantize_kv.py) put the pairs where the MMA
+A 2- or 4-bit code c whose bits are masked into the low bits of an otherwise zero 16-bit
+float is exactly c * 2^(e - EB) (EB = 133 for bf16, 24 for fp16; e its bit offset): the low 8
+bits of a bf16 (11 of an fp16) read linearly, as the mantissa of a subnormal or, with the
+exponent's lowest bit, of the first normal binade, whose spacing is the same. A word gives two
+such values, its two halves, with one LOP3: that pair is one 32-bit MMA operand register. The store's packed layouts (quantize_kv.py) put the pairs where the MMA
 fragments want them, so codes go from memory to the tensor cores with a shift and a mask:
 
   scores  S[t, h] = sum_d code_k[t, d] * Qs[d, h] + sum_d k_min[g, d] * q[d, h]
@@ -41,9 +42,9 @@ assert_trivial=True, so a layout that would need data movement fails to compile.
 Launch heuristics (splits, one warp, the register cap, residency) live in default_splits(),
 register_cap(), programs_per_sm() and packed_attention().
 
-Adding a bit width b (it must fit a 16-bit float's mantissa: b <= 7 for bf16):
+Adding a bit width b (a code must fit the linear low bits: b <= 8 for bf16):
   1. quantize_kv.SUPPORTED_BITS and the pair packing there hold it already if 16 % b == 0;
-  2. here, allow b in the static_assert and in supports(); _extract's window CW = MANT // b
+  2. here, allow b in the static_assert and in supports(); _extract's window CW = LINEAR // b
      and the slot count SPW = 16 // b follow, as do the exponents e of the rescaling;
   3. kernels/quantize.py and kernels/decode_attention.py are generic in b (check their
      static shapes: D * b / 128 words a lane);
@@ -167,7 +168,7 @@ def _slots(SPW: gl.constexpr, layout: gl.constexpr):
 
 @gluon.jit
 def _extract(words, k, BITS: gl.constexpr, CW: gl.constexpr):
-    """Slot k of each word, both halves, masked in place as subnormal codes: slot k sits at bit
+    """Slot k of each word, both halves, masked in place as linear codes: slot k sits at bit
     BITS * k of each half; after a shift by BITS * CW * (k // CW) it sits at e = BITS * (k % CW)."""
     e = k % CW * BITS
     mask = ((1 << BITS) - 1) << e
@@ -460,15 +461,17 @@ def _mma_kernel(
 ):
     gl.static_assert(G % T == 0 and D % G == 0 and D // G <= 4, "a block lies in one key group")
     gl.static_assert((BITS_K == 2 or BITS_K == 4) and (BITS_V == 2 or BITS_V == 4), "2- or 4-bit codes")
-    MANT: gl.constexpr = 7 if DTYPE == gl.bfloat16 else 10  # mantissa bits of the operand dtype
+    # bits of a 16-bit float read linearly as n * 2^-EB: the mantissa and the exponent's lowest
+    # bit (exponent fields 0 and 1 have the same spacing)
+    LINEAR: gl.constexpr = 8 if DTYPE == gl.bfloat16 else 11
     EB: gl.constexpr = 133 if DTYPE == gl.bfloat16 else 24  # a subnormal is mantissa * 2^-EB
     KF: gl.constexpr = 64 if DTYPE == gl.bfloat16 else 0  # exponent carried by Qs
     KV: gl.constexpr = 64 if DTYPE == gl.bfloat16 else -8  # exponent carried by p (fp16: p * v_scale < 2^16)
     NGV: gl.constexpr = D // G
     SPW_K: gl.constexpr = 16 // BITS_K
-    CW_K: gl.constexpr = MANT // BITS_K  # codes a half-word holds in place below the exponent
+    CW_K: gl.constexpr = LINEAR // BITS_K  # codes a half-word holds in place
     SPW_V: gl.constexpr = 16 // BITS_V
-    CW_V: gl.constexpr = MANT // BITS_V
+    CW_V: gl.constexpr = LINEAR // BITS_V
 
     pid = gl.program_id(0)
     chunk = pid % NUM_CHUNKS
