@@ -85,9 +85,9 @@ def quantize(x: Tensor, bits: int, group_size: int, dim: int) -> tuple[Tensor, T
 def dequantize(codes: Tensor, scale: Tensor, x_min: Tensor, group_size: int, dim: int) -> Tensor:
     """Inverse of `quantize`: codes * scale + min, in scale's dtype (computed in float32)."""
     dim = dim % codes.dim()
-    scale_full = scale.float().repeat_interleave(group_size, dim=dim)
-    min_full = x_min.float().repeat_interleave(group_size, dim=dim)
-    return (codes.float() * scale_full + min_full).to(scale.dtype)
+    grouped = codes.float().unflatten(dim, (-1, group_size))  # scale and min broadcast over each group
+    x = grouped * scale.float().unsqueeze(dim + 1) + x_min.float().unsqueeze(dim + 1)
+    return x.flatten(dim, dim + 1).to(scale.dtype)
 
 
 def pack(codes: Tensor, bits: int, dim: int) -> Tensor:
@@ -109,7 +109,7 @@ def unpack(words: Tensor, bits: int, dim: int) -> Tensor:
     """Inverse of `pack`: int32 words -> uint8 codes, `dim` grows by 32 // bits."""
     check_bits(bits)
     dim = dim % words.dim()
-    shifts = _shifts(bits, words.device).view(-1, *[1] * (words.dim() - dim - 1))
+    shifts = _shifts(bits, words.device).to(words.dtype).view(-1, *[1] * (words.dim() - dim - 1))  # int32 math
     codes = (words.unsqueeze(dim + 1) >> shifts) & (2**bits - 1)
     return codes.flatten(dim, dim + 1).to(torch.uint8)
 
