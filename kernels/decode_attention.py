@@ -4,7 +4,8 @@ in one program, the token axis cut into splits whose partial results a second ke
 Two ways to read the packed store, chosen in decode_attention() below:
   - tensor cores (kernels/mma_attention.py, CUDA, bf16/fp16, 2- and 4-bit codes): that kernel
     writes one partial per split of the packed positions, and the kernel here, launched with
-    PACKED = False and one split, writes the partial of the sinks and the ring;
+    PACKED = False and one split, writes the partial of the sinks and the ring (with grouped
+    heads on a side stream, beside the packed kernel);
   - here, for everything else (fp32, 8-bit codes, the Triton interpreter): every position.
 
 Grid (NUM_SPLITS, B * H): program (s, b * H + h) serves query heads h*HG .. h*HG+HG-1 of slot

@@ -13,8 +13,9 @@ A 2- or 4-bit code c whose bits are masked into the low bits of an otherwise zer
 float is exactly c * 2^(e - EB) (EB = 133 for bf16, 24 for fp16; e its bit offset): the low 8
 bits of a bf16 (11 of an fp16) read linearly, as the mantissa of a subnormal or, with the
 exponent's lowest bit, of the first normal binade, whose spacing is the same. A word gives two
-such values, its two halves, with one LOP3: that pair is one 32-bit MMA operand register. The store's packed layouts (quantize_kv.py) put the pairs where the MMA
-fragments want them, so codes go from memory to the tensor cores with a shift and a mask:
+such values, its two halves, with one LOP3: that pair is one 32-bit MMA operand register. The
+store's packed layouts (quantize_kv.py) put the pairs where the MMA fragments want them, so
+codes go from memory to the tensor cores with a shift and a mask:
 
   scores  S[t, h] = sum_d code_k[t, d] * Qs[d, h] + sum_d k_min[g, d] * q[d, h]
       codes as the A operand [T, D] (rows = tokens), Qs = q * k_scale[g] * 2^(KF - e(d)) as B
