@@ -11,15 +11,20 @@ quantization of prefill (Triton against the reference, bit for bit, timed); one 
 (flush + attention through torch.ops) under torch.compile(mode="reduce-overhead",
 fullgraph=True) against eager. Random data; every slot at length L.
 
-    python scripts/bench_attention.py [--quick] [--splits] [--caps] [--json OUT]
+    python scripts/bench_attention.py [--quick] [--splits] [--caps] [--json OUT] [--against DIR]
 
 --caps also times the tensor-core path with ptxas' register cap forced to none, 192 and 168
 (8, 8 and 12 warps an SM), each at the default split count for that residency.
+
+--against DIR also times, on the same inputs in the same process, the op of another version:
+DIR holds its decode_attention.py and mma_attention.py, for instance from
+`git show REV:kernels/decode_attention.py > DIR/decode_attention.py` (and the same for the other).
 
 --json writes {"device", "torch", "triton", "rows": [{"shape", "bits", "kivi_us", "sdpa_us"}]}.
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -113,6 +118,17 @@ def time_register_caps(kv_args, n: int) -> dict:
     return times
 
 
+def load_version(folder: Path):
+    """decode_attention() of the version in `folder`, calling that version's tensor-core kernel."""
+    modules = {}
+    for name in ("mma_attention", "decode_attention"):
+        spec = importlib.util.spec_from_file_location(f"other_{name}", folder / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    modules["decode_attention"].mma_attention = modules["mma_attention"]
+    return modules["decode_attention"].decode_attention
+
+
 def copies(nbytes: int) -> int:
     return max(1, min(16, math.ceil(ROTATE_BYTES / nbytes)))
 
@@ -166,9 +182,15 @@ def main() -> None:
     parser.add_argument("--splits", action="store_true", help="also time the packed splits 2..32 at 2 bits")
     parser.add_argument("--caps", action="store_true", help="also time register caps none, 192 and 168")
     parser.add_argument("--json", type=Path, help="write the KIVI and SDPA times here")
+    parser.add_argument("--against", type=Path, help="a folder with another version's two kernel modules")
     args = parser.parse_args()
     if args.json is not None and not args.json.parent.is_dir():
         sys.exit(f"error: --json {args.json}: no folder {args.json.parent}")
+    missing = [f for f in ("decode_attention.py", "mma_attention.py") if args.against and not (args.against / f).is_file()]
+    if missing:
+        sys.exit(f"error: --against {args.against}: no {', '.join(missing)}")
+    other = load_version(args.against) if args.against else None
+    against_rows = []
     torch.manual_seed(0)
     dtype = torch.bfloat16
     rows = []
@@ -194,7 +216,8 @@ def main() -> None:
             nq = torch.full((B,), n_quantized(L, R, G), device="cuda", dtype=torch.int32)
             kv_args = lambda i, b=B: (qs[i % len(qs)][:b], *(t[:b] for t in cs[i].values()), lengths[:b], nq[:b],
                                       bits, bits, G, sm_scale)
-            err = rel_err(decode_attention(*kv_args(0, 2)), decode_attention_reference(*kv_args(0, 2)))
+            ref = decode_attention_reference(*kv_args(0, 2))
+            err = rel_err(decode_attention(*kv_args(0, 2)), ref)
             t_kivi = bench([lambda i=i: decode_attention(*kv_args(i)) for i in range(n)])
             if bits == 2:  # the same with 4 sink tokens
                 sink = torch.randn(B, H, 4, D, device="cuda", dtype=dtype)
@@ -210,6 +233,11 @@ def main() -> None:
                 print("  num_splits (us):", {s: round(t, 1) for s, t in sweep.items()}, flush=True)
             if args.caps:
                 print("  register caps (us):", time_register_caps(kv_args, n), flush=True)
+            if other is not None:
+                t_other = bench([lambda i=i: other(*kv_args(i)) for i in range(n)])
+                t_here = bench([lambda i=i: decode_attention(*kv_args(i)) for i in range(n)])  # beside it, again
+                against_rows.append((rows[-1][0], bits, t_other, t_here, rel_err(other(*kv_args(0, 2)), ref)))
+                print(f"  against {args.against}: {t_other:.1f} us, this version {t_here:.1f} us", flush=True)
             del cs
 
     # flush at B=32 L=4096 32 heads D=128, bf16, 4 sinks: every slot due, then none
@@ -258,6 +286,12 @@ def main() -> None:
     for shape, bits, t_k, t_s, be, t_f, bw_k, bw_s, bw_f, e_k, e_f in rows:
         print(f"| {shape} | {bits}/{bits} | {t_k:.1f} | {t_s:.1f} ({be}) | {t_s / t_k:.2f}x | {t_f:.1f} | "
               f"{bw_k:.2f} | {bw_s:.2f} | {bw_f:.2f} | {e_k:.1e} / {e_f:.1e} |")
+    if other is not None:
+        print(f"\nthe op against {args.against}'s, same inputs, us (this version timed again beside it)")
+        print("| shape | bits | other us | this us | change | other's rel err |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for shape, bits, t_o, t_h, e_o in against_rows:
+            print(f"| {shape} | {bits}/{bits} | {t_o:.1f} | {t_h:.1f} | {t_h / t_o - 1:+.1%} | {e_o:.1e} |")
     print("\nflush, B=32 L=4096 H=32 D=128 bf16, 4 sinks")
     print("| bits | all due us | none due us | bit-exact vs reference |")
     print("| --- | --- | --- | --- |")

@@ -127,6 +127,13 @@ def test_eval_ppl_checks_the_json_folder_first(tmp_path):
     assert r.stderr.splitlines() == [f"error: --json {tmp_path}/no/ppl.json: there is no folder {tmp_path}/no"]
 
 
+def test_bench_attention_checks_the_other_version_first(tmp_path):
+    (tmp_path / "mma_attention.py").write_text("")
+    r = run_script("bench_attention", "--against", str(tmp_path))
+    assert r.returncode != 0
+    assert r.stderr.splitlines() == [f"error: --against {tmp_path}: no decode_attention.py"]
+
+
 def test_fetch_data_help_downloads_nothing(monkeypatch, capsys):
     fetch_data = load_script("fetch_data")
 
