@@ -1,8 +1,9 @@
 """Instruction counts of the tensor-core attention's main loop, offline (no GPU needed):
 
-    python benchmarks/sass_loop.py [gqa gqa4 mqa smol mha 64/8]
+    python benchmarks/sass_loop.py [gqa gqa4 mqa mqa4 smol mha 64/8 48/1]
 
-Compiles kernels/mma_attention.py's _mma_kernel for sm_90 with the installed Triton (the
+Compiles the packed kernel decode_attention launches for bf16 on sm_90 (kernels/wgmma_attention.py's
+for the wide groups it fits, kernels/mma_attention.py's otherwise) with the installed Triton (the
 counts in benchmarks/NOTES.md are Triton 3.6's, the version torch 2.11 brings), disassembles
 it with the nvdisasm and cuobjdump Triton ships, and prints, per configuration, the
 registers a thread and the instructions of the main loop's straight path: the backward
@@ -24,11 +25,12 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon import language as gl
 
-from kernels import mma_attention
+from kernels import mma_attention, wgmma_attention
 
 CONFIGS = {  # name: (heads per kv head, head_dim, group size, bits K, bits V)
     "gqa": (4, 128, 32, 2, 2), "gqa4": (4, 128, 32, 4, 4), "mqa": (71, 64, 32, 2, 2),
-    "smol": (3, 64, 32, 2, 2), "mha": (1, 128, 32, 2, 2), "64/8": (8, 128, 32, 2, 2),
+    "smol": (3, 64, 32, 2, 2), "mha": (1, 128, 32, 2, 2), "64/8": (8, 128, 32, 2, 2), "mqa4": (71, 64, 32, 4, 4),
+    "48/1": (48, 128, 32, 2, 2),
 }
 POINTERS = {"Q": "*bf16", "K_PACKED": "*i32", "K_SCALE": "*bf16", "K_MIN": "*bf16", "V_PACKED": "*i32",
             "V_SCALE": "*bf16", "V_MIN": "*bf16", "LENGTHS": "*i32", "N_QUANTIZED": "*i32", "O_PART": "*fp32",
@@ -38,16 +40,23 @@ INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]
 
 
 def compile_cubin(HG: int, D: int, G: int, bits_k: int, bits_v: int) -> bytes:
-    kernel = mma_attention._mma_kernel
-    constants = dict(H=8, HG=HG, HN=16 if HG > 8 else 8, NUM_CHUNKS=triton.cdiv(HG, 16), L=8192, S=0, W=1 << 30,
-                     D=D, G=G, BITS_K=bits_k, BITS_V=bits_v, NUM_PARTS=8, PART0=0, DTYPE=gl.bfloat16)
+    """The packed kernel decode_attention launches for bf16 on sm_90: wgmma_attention's for the
+    wide groups it fits, mma_attention's otherwise."""
+    if wgmma_attention.fits(HG, D):
+        kernel, num_warps, cap = wgmma_attention._wgmma_kernel, 4, None
+        constants = dict(H=8, HG=HG, L=8192, S=0, W=1 << 30, D=D, G=G, BITS_K=bits_k, BITS_V=bits_v, NUM_PARTS=8,
+                         PART0=0)
+    else:
+        kernel, num_warps = mma_attention._mma_kernel, 1
+        cap = mma_attention.register_cap(D, bits_k, bits_v, HG)  # as packed_attention launches it
+        constants = dict(H=8, HG=HG, HN=16 if HG > 8 else 8, NUM_CHUNKS=triton.cdiv(HG, 16), L=8192, S=0,
+                         W=1 << 30, D=D, G=G, BITS_K=bits_k, BITS_V=bits_v, NUM_PARTS=8, PART0=0, DTYPE=gl.bfloat16)
     signature = {name: POINTERS.get(name, "constexpr" if name in constants else "fp32" if name == "qk_scale"
                                     else "i32") for name in kernel.arg_names}
     aligned = [*POINTERS, "stride_qb", "stride_qh"]  # what the launcher's tensors give: 16-byte alignment
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = GluonASTSource(kernel, signature, constants, attrs=attrs)
-    options = {"num_warps": 1}
-    cap = mma_attention.register_cap(D, bits_k, bits_v, HG)  # as packed_attention launches it
+    options = {"num_warps": num_warps}
     if cap is not None:
         options["maxnreg"] = cap
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]

@@ -2,8 +2,10 @@
 in one program, the token axis cut into splits whose partial results a second kernel merges.
 
 Two ways to read the packed store, chosen in decode_attention() below:
-  - tensor cores (kernels/mma_attention.py, CUDA, bf16/fp16, 2- and 4-bit codes): that kernel
-    writes one partial per split of the packed positions, and the kernel here, launched with
+  - tensor cores (CUDA, bf16/fp16, 2- and 4-bit codes): kernels/mma_attention.py (mma.sync, one
+    warp a program), or for wide head groups in bf16 on Hopper kernels/wgmma_attention.py
+    (warpgroup MMA, every head of a group in one program); either writes one partial per split
+    of the packed positions, and the kernel here, launched with
     PACKED = False and one split, writes the partial of the sinks and the ring (with grouped
     heads on a side stream, beside the packed kernel);
   - here, for everything else (fp32, 8-bit codes, the Triton interpreter): every position.
@@ -35,9 +37,9 @@ from torch import Tensor
 from kernels.quantize import _pair_shifts
 
 try:  # Gluon and the layouts this kernel states explicitly: Triton 3.6 and later
-    from kernels import mma_attention
+    from kernels import mma_attention, wgmma_attention
 except (ImportError, AttributeError):
-    mma_attention = None
+    mma_attention = wgmma_attention = None
 
 BLOCK_N = 32  # packed tokens a step (divides every G)
 BLOCK_R = 64  # ring tokens a step
@@ -239,10 +241,16 @@ def decode_attention(
         raise ValueError(f"no tensor-core path for {q.dtype} on {q.device}, bits {bits_k}/{bits_v}, {HG} heads a group")
     use_mma = supported if tensor_cores is None else tensor_cores
     sms = _num_sms(q.device)
-    if use_mma:
+    # wide groups on Hopper: one warpgroup dequantizes a block once for all heads
+    wide = use_mma and wgmma_attention.supports(q, bits_k, bits_v, HG) and L % wgmma_attention.TB.value == 0
+    packed = wgmma_attention if wide else mma_attention
+    if wide:
+        num_splits = num_splits or wgmma_attention.default_splits(B * H, L, sms)
+    elif use_mma:
         cap = mma_attention.register_cap(D, bits_k, bits_v, HG)
         per_sm = mma_attention.programs_per_sm(D, G, bits_k, bits_v, HG, cap, _shared_per_sm(q.device))
         num_splits = num_splits or mma_attention.default_splits(B * H, HG, L, per_sm * sms)
+    if use_mma:
         ring_split = max_len  # the sinks and the ring in one program a (slot, kv head), part 0
         parts, ring_parts = 1 + num_splits, 1
     else:
@@ -272,7 +280,7 @@ def decode_attention(
             BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
         )
     if use_mma:
-        mma_attention.packed_attention(q, k_packed, k_scale, k_min, v_packed, v_scale, v_min, lengths, n_quantized,
+        packed.packed_attention(q, k_packed, k_scale, k_min, v_packed, v_scale, v_min, lengths, n_quantized,
                                        o_part, lse_part, bits_k, bits_v, G, S, W, qk_scale, num_splits, part0=1)
         if side is not None:
             torch.cuda.current_stream(q.device).wait_stream(side)  # the merge reads both

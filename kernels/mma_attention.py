@@ -567,6 +567,7 @@ def _mma_kernel(
     vw, vs_raw = _read_values(ring, (n_blocks - 1) % STAGES, D, G, BITS_V, DTYPE)
     l_acc, v_bias, acc = _weigh_values(s_next, m_i, vw, vs_raw, v_min_next, l_acc, v_bias, acc, D, G, BITS_V, CW_V,
                                        KV, DTYPE)
+    async_copy.wait_group(0)  # no copy outlives the program: its shared memory passes to the next one
 
     # o[h, c] = (acc * 2^(EB - e(c)) + v_bias[gv]) / l, every factor carrying 2^KV
     l_i = gl.sum(l_acc, 0) * _exp2(-KV)

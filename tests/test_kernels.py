@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from kernels.decode_attention import decode_attention, mma_attention
+from kernels.decode_attention import decode_attention, mma_attention, wgmma_attention
 from kernels.quantize import flush, quantize_prompt
 from kernels.reference import decode_attention_reference, flush_reference, hide_sinks, quantize_prompt_reference
 from kivi_cache import n_quantized
@@ -147,6 +147,8 @@ TENSOR_CORE_CASES = [
     (1, 71, 64, 64, (4, 2), 0, torch.float16),
     (1, 128, 128, 32, (2, 4), 4, torch.bfloat16),
     (1, 128, 64, 32, (4, 4), 0, torch.float16),
+    (1, 48, 128, 128, (4, 4), 4, torch.bfloat16),
+    (2, 64, 64, 64, (2, 4), 0, torch.bfloat16),
 ]
 
 
@@ -189,6 +191,17 @@ def test_tensor_core_residency_and_splits():
     assert mma_attention.default_splits(256, 4, 8192, 12 * sms) == 6  # 1536 programs: one wave of 1584
     assert mma_attention.default_splits(1024, 1, 4096, 12 * sms) == 3  # 2 splits: 1.3 waves, the second short
     assert mma_attention.default_splits(64, 71, 8192, 12 * sms) % 5 == 0  # whole 16-head chunks of 71
+
+
+@pytest.mark.skipif(wgmma_attention is None, reason="needs Gluon (Triton 3.6 or later)")
+def test_wide_group_chunks_and_fit():
+    """Wide groups: the heads in at most two power-of-2 chunks (71 -> 64 + 8); the kernel takes
+    the widths whose accumulators fit the registers, and its splits fill whole waves."""
+    assert [wgmma_attention._chunk_widths(h) for h in (17, 32, 48, 71, 96)] == [(16, 8), (32, 0), (32, 16), (64, 8),
+                                                                              (64, 32)]
+    assert [wgmma_attention.fits(h, 64) for h in (16, 17, 71, 96, 97, 128)] == [False, True, True, True, False, False]
+    assert [wgmma_attention.fits(h, 128) for h in (48, 64, 71)] == [True, True, False]
+    assert wgmma_attention.default_splits(64, 8192, 132) == 4  # 256 programs: one wave of 264 (2 an SM)
 
 
 @GPU
