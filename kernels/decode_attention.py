@@ -281,7 +281,7 @@ def decode_attention(
         )
     if use_mma:
         packed.packed_attention(q, k_packed, k_scale, k_min, v_packed, v_scale, v_min, lengths, n_quantized,
-                                       o_part, lse_part, bits_k, bits_v, G, S, W, qk_scale, num_splits, part0=1)
+                                o_part, lse_part, bits_k, bits_v, G, S, W, qk_scale, num_splits, part0=1)
         if side is not None:
             torch.cuda.current_stream(q.device).wait_stream(side)  # the merge reads both
     out = torch.empty_like(q)
