@@ -29,7 +29,9 @@ v_scale and v_min rows); keys dequantized, the score MMAs issued, values dequant
 run; then softmax (lazy: the running max moves only when a block beats it by more than TAU,
 log2) and P stored for the value MMAs, which run while the next block is dequantized; the
 ring's refill is issued last, after the barriers that order every read of the stage it
-overwrites. ptxas serializes the wgmmas (warning C7515: each MMA then waits for the one before)
+overwrites. The loop runs as three loops over that body (a program's first block, the blocks
+between, its last), so that the edge masks and the first block's start of the running max are
+compiled out of the blocks between (ptxas would predicate them into every block). ptxas serializes the wgmmas (warning C7515: each MMA then waits for the one before)
 unless the value accumulator kept in flight across the loop's back edge is
 born from an MMA (_value_accumulator), never from plain zeroing instructions.
 
@@ -209,7 +211,8 @@ def _keys(ring, stage, D: gl.constexpr, G: gl.constexpr, BITS: gl.constexpr, N: 
 
 
 @gluon.jit
-def _values(ring, stage, t0, q_end, edge, D: gl.constexpr, G: gl.constexpr, BITS: gl.constexpr, N: gl.constexpr):
+def _values(ring, stage, t0, q_end, EDGE: gl.constexpr, D: gl.constexpr, G: gl.constexpr, BITS: gl.constexpr,
+            N: gl.constexpr):
     """The block's dequantized values V^ * 2^-K0 [D, TB] (channels in natural order) as the A
     operand of the value product; tokens from q_end on are zero (their store may hold anything)."""
     WPC: gl.constexpr = D * BITS // 128
@@ -228,7 +231,7 @@ def _values(ring, stage, t0, q_end, edge, D: gl.constexpr, G: gl.constexpr, BITS
     v_min = _as_bf16(ring[5].index(stage), [NGV, TB]).load(SL)
     tok = gl.expand_dims(gl.arange(0, TB, layout=gl.SliceLayout(0, SL)), 0)  # [1, TB]
     live = t0 + tok < q_end
-    if edge:
+    if EDGE:
         scale = gl.where(live, scale, 0.0)
         v_min = gl.where(live, v_min, 0.0)
     # the exponent of channel c's slot: c // 8 is word * SPW + slot
@@ -276,13 +279,27 @@ def _value_accumulator(p_smem, D: gl.constexpr, N: gl.constexpr):
 
 
 @gluon.jit
-def _logits(s, m_i, code_scale, valid, edge, first):
+def _phase_blocks(phase: gl.constexpr, n_blocks):
+    """The blocks [lo, hi) of the main loop's phase: 0 the first block, 1 those between the first
+    and the last, 2 the last (none when the first is the last)."""
+    inner_end = gl.maximum(n_blocks - 1, 1)
+    if phase == 0:
+        lo, hi = 0, 1
+    elif phase == 1:
+        lo, hi = 1, inner_end
+    else:
+        lo, hi = inner_end, n_blocks
+    return lo, hi
+
+
+@gluon.jit
+def _logits(s, m_i, code_scale, valid, EDGE: gl.constexpr, FIRST: gl.constexpr):
     """A block's logits less the running max, d = s * code_scale - m (log2 units; -inf where not
     valid, checked only in a block at an edge; m = 0 in a program's first block, where m_i is
     not yet a max), and each token's largest d [TB]."""
-    m = gl.where(first, 0.0, m_i)
+    m = gl.zeros_like(m_i) if FIRST else m_i
     d = s * code_scale - gl.expand_dims(m, 0)
-    if edge:
+    if EDGE:
         d = gl.where(valid, d, float("-inf"))
     return d, m, _row_max(d)
 
@@ -403,50 +420,55 @@ def _wgmma_kernel(
     tok = gl.expand_dims(gl.arange(0, TB, layout=gl.SliceLayout(1, ACC0)), 1)  # [TB, 1]
     tok1 = gl.expand_dims(gl.arange(0, TB, layout=gl.SliceLayout(1, ACC1)), 1)
     n_blocks = gl.cdiv(q_end - start, TB)
-    for it in range(n_blocks):
-        t0 = start + it * TB
-        stage = it % STAGES
-        async_copy.wait_group(STAGES - 2)  # block t0 has landed
-        _barrier()  # ... for every thread
-        edge = (t0 < first_valid) | (t0 + TB > q_end)  # a block at the window's start or the split's end
-        a_k = _keys(ring, stage, D, G, BITS_K, N0)
-        s0 = warpgroup_mma(a_k, q0.permute((1, 0)), gl.zeros([TB, N0], gl.float32, ACC0), use_acc=False,
-                           is_async=True)
-        if N1 > 0:
-            s1 = warpgroup_mma(gl.convert_layout(a_k, _a_layout(N1), assert_trivial=True), q1.permute((1, 0)),
-                               gl.zeros([TB, N1], gl.float32, ACC1), use_acc=False, is_async=True)
-        a_v = _values(ring, stage, t0, q_end, edge, D, G, BITS_V, N0)
-        if N1 > 0:
-            s0, s1, o0, o1 = warpgroup_mma_wait(0, deps=(s0, s1, o0, o1))
-        else:
-            s0, o0 = warpgroup_mma_wait(0, deps=(s0, o0))
-        _barrier()  # every warp's share of the last value MMAs has read P before P is rewritten
-        d0, mb0, rise = _logits(s0, m0, code_scale, (t0 + tok >= first_valid) & (t0 + tok < q_end), edge, it == 0)
-        if N1 > 0:
-            d1, mb1, rise1 = _logits(s1, m1, code_scale, (t0 + tok1 >= first_valid) & (t0 + tok1 < q_end), edge,
-                                     it == 0)
-            rise = gl.maximum(rise, gl.convert_layout(rise1, rise.type.layout, assert_trivial=True))
-        if (it == 0) | (gl.max(rise, 0) > TAU):  # the first block, or one that beats the running max by more than TAU
-            d0, m0, l0, o0 = _move_max(d0, mb0, m0, l0, o0)
+    # three loops: only a program's first and last blocks (phases 0 and 2) may hold tokens before
+    # the window or past the split (masked), and only the first has no running max yet
+    for phase in gl.static_range(3):
+        lo_it, hi_it = _phase_blocks(phase, n_blocks)
+        for it in range(lo_it, hi_it):
+            t0 = start + it * TB
+            stage = it % STAGES
+            async_copy.wait_group(STAGES - 2)  # block t0 has landed
+            _barrier()  # ... for every thread
+            a_k = _keys(ring, stage, D, G, BITS_K, N0)
+            s0 = warpgroup_mma(a_k, q0.permute((1, 0)), gl.zeros([TB, N0], gl.float32, ACC0), use_acc=False,
+                               is_async=True)
             if N1 > 0:
-                d1, m1, l1, o1 = _move_max(d1, mb1, m1, l1, o1)
-        p0 = gl.exp2(d0)
-        l0 += _row_pairs(p0)
-        p0_smem.store(gl.permute(p0.to(gl.bfloat16), (1, 0)))
-        if N1 > 0:
-            p1 = gl.exp2(d1)
-            l1 += _row_pairs(p1)
-            p1_smem.store(gl.permute(p1.to(gl.bfloat16), (1, 0)))
-        fence_async_shared()
-        _barrier()  # every warp's P is written before the value MMAs read it
-        o0 = warpgroup_mma(a_v, p0_smem.permute((1, 0)), o0, is_async=True)
-        if N1 > 0:
-            o1 = warpgroup_mma(gl.convert_layout(a_v, _a_layout(N1), assert_trivial=True), p1_smem.permute((1, 0)),
-                               o1, is_async=True)
-        # refill the stage of the block before this one: every thread's reads of it came before the
-        # barriers above (here, not at the loop's top, so that no further barrier is needed)
-        _copy_block(ring, (it + STAGES - 1) % STAGES, KP, KS, KM, VP, VS, VM,
-                    gl.minimum(t0 + (STAGES - 1) * TB, last), L, D, G, BITS_K, BITS_V)
+                s1 = warpgroup_mma(gl.convert_layout(a_k, _a_layout(N1), assert_trivial=True), q1.permute((1, 0)),
+                                   gl.zeros([TB, N1], gl.float32, ACC1), use_acc=False, is_async=True)
+            a_v = _values(ring, stage, t0, q_end, phase != 1, D, G, BITS_V, N0)
+            if N1 > 0:
+                s0, s1, o0, o1 = warpgroup_mma_wait(0, deps=(s0, s1, o0, o1))
+            else:
+                s0, o0 = warpgroup_mma_wait(0, deps=(s0, o0))
+            _barrier()  # every warp's share of the last value MMAs has read P before P is rewritten
+            d0, mb0, rise = _logits(s0, m0, code_scale, (t0 + tok >= first_valid) & (t0 + tok < q_end), phase != 1,
+                                    phase == 0)
+            if N1 > 0:
+                d1, mb1, rise1 = _logits(s1, m1, code_scale, (t0 + tok1 >= first_valid) & (t0 + tok1 < q_end),
+                                         phase != 1, phase == 0)
+                rise = gl.maximum(rise, gl.convert_layout(rise1, rise.type.layout, assert_trivial=True))
+            # the first block, or one that beats the running max by more than TAU
+            if (phase == 0) | (gl.max(rise, 0) > TAU):
+                d0, m0, l0, o0 = _move_max(d0, mb0, m0, l0, o0)
+                if N1 > 0:
+                    d1, m1, l1, o1 = _move_max(d1, mb1, m1, l1, o1)
+            p0 = gl.exp2(d0)
+            l0 += _row_pairs(p0)
+            p0_smem.store(gl.permute(p0.to(gl.bfloat16), (1, 0)))
+            if N1 > 0:
+                p1 = gl.exp2(d1)
+                l1 += _row_pairs(p1)
+                p1_smem.store(gl.permute(p1.to(gl.bfloat16), (1, 0)))
+            fence_async_shared()
+            _barrier()  # every warp's P is written before the value MMAs read it
+            o0 = warpgroup_mma(a_v, p0_smem.permute((1, 0)), o0, is_async=True)
+            if N1 > 0:
+                o1 = warpgroup_mma(gl.convert_layout(a_v, _a_layout(N1), assert_trivial=True),
+                                   p1_smem.permute((1, 0)), o1, is_async=True)
+            # refill the stage of the block before this one: every thread's reads of it came before the
+            # barriers above (here, not at the loop's top, so that no further barrier is needed)
+            _copy_block(ring, (it + STAGES - 1) % STAGES, KP, KS, KM, VP, VS, VM,
+                        gl.minimum(t0 + (STAGES - 1) * TB, last), L, D, G, BITS_K, BITS_V)
     async_copy.wait_group(0)  # no copy outlives the program: its shared memory passes to the next one
     if N1 > 0:
         o0, o1 = warpgroup_mma_wait(0, deps=(o0, o1))

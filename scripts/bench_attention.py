@@ -17,8 +17,9 @@ fullgraph=True) against eager. Random data; every slot at length L.
 (8, 8 and 12 warps an SM), each at the default split count for that residency.
 
 --against DIR also times, on the same inputs in the same process, the op of another version:
-DIR holds its decode_attention.py and mma_attention.py, for instance from
-`git show REV:kernels/decode_attention.py > DIR/decode_attention.py` (and the same for the other).
+DIR holds its decode_attention.py and mma_attention.py (and wgmma_attention.py, where that version
+has one), for instance from `git show REV:kernels/decode_attention.py > DIR/decode_attention.py`
+(and the same for the others).
 
 --json writes {"device", "torch", "triton", "rows": [{"shape", "bits", "kivi_us", "sdpa_us"}]}.
 """
@@ -119,13 +120,17 @@ def time_register_caps(kv_args, n: int) -> dict:
 
 
 def load_version(folder: Path):
-    """decode_attention() of the version in `folder`, calling that version's tensor-core kernel."""
+    """decode_attention() of the version in `folder`, calling that version's tensor-core kernels
+    (its wgmma_attention.py too where the folder has one; the helpers that imports from
+    kernels.mma_attention are this checkout's)."""
     modules = {}
-    for name in ("mma_attention", "decode_attention"):
+    names = ["mma_attention"] + (["wgmma_attention"] if (folder / "wgmma_attention.py").is_file() else [])
+    for name in names + ["decode_attention"]:
         spec = importlib.util.spec_from_file_location(f"other_{name}", folder / f"{name}.py")
         modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(modules[name])
-    modules["decode_attention"].mma_attention = modules["mma_attention"]
+    for name in names:
+        setattr(modules["decode_attention"], name, modules[name])
     return modules["decode_attention"].decode_attention
 
 
