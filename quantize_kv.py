@@ -40,6 +40,8 @@ its words as one contiguous run (channel class c % 8 is one lane's rows). Values
 of tokens and D a multiple of 8.
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -82,11 +84,22 @@ def quantize(x: Tensor, bits: int, group_size: int, dim: int) -> tuple[Tensor, T
     )
 
 
-def dequantize(codes: Tensor, scale: Tensor, x_min: Tensor, group_size: int, dim: int) -> Tensor:
-    """Inverse of `quantize`: codes * scale + min, in scale's dtype (computed in float32)."""
+def dequantize(codes: Tensor, scale: Tensor, x_min: Tensor, group_size: int, dim: int,
+               out: Tensor | None = None) -> Tensor:
+    """Inverse of `quantize`: codes * scale + min, in scale's dtype (computed in float32).
+    out: a float32 tensor (a view of a larger one, say) to write the result into, which the
+    result then is; only with float32 scales, where no rounding follows the float32 math."""
     dim = dim % codes.dim()
-    grouped = codes.float().unflatten(dim, (-1, group_size))  # scale and min broadcast over each group
-    x = grouped * scale.float().unsqueeze(dim + 1) + x_min.float().unsqueeze(dim + 1)
+    # scale and min broadcast over each group
+    grouped, scale, x_min = codes.unflatten(dim, (-1, group_size)), scale.unsqueeze(dim + 1), x_min.unsqueeze(dim + 1)
+    if out is not None:
+        if scale.dtype != torch.float32 or out.dtype != torch.float32:
+            raise ValueError(f"dequantize into a tensor: float32 scales and out only, got {scale.dtype}, {out.dtype}")
+        out_grouped = out.unflatten(dim, (-1, group_size))
+        torch.mul(grouped, scale, out=out_grouped)  # integer codes convert exactly
+        out_grouped.add_(x_min)
+        return out
+    x = grouped.float() * scale.float() + x_min.float()
     return x.flatten(dim, dim + 1).to(scale.dtype)
 
 
@@ -107,16 +120,23 @@ def pack(codes: Tensor, bits: int, dim: int) -> Tensor:
 
 def unpack(words: Tensor, bits: int, dim: int) -> Tensor:
     """Inverse of `pack`: int32 words -> uint8 codes, `dim` grows by 32 // bits."""
+    return _unpack_int32(words, bits, dim).to(torch.uint8)
+
+
+def _unpack_int32(words: Tensor, bits: int, dim: int) -> Tensor:
+    """`unpack`'s codes as the int32 of the shifts (no conversion: dequantize takes them as they are)."""
     check_bits(bits)
     dim = dim % words.dim()
-    shifts = _shifts(bits, words.device).to(words.dtype).view(-1, *[1] * (words.dim() - dim - 1))  # int32 math
+    shifts = _shifts(bits, words.device).view(-1, *[1] * (words.dim() - dim - 1))  # int32 math
     codes = (words.unsqueeze(dim + 1) >> shifts) & (2**bits - 1)
-    return codes.flatten(dim, dim + 1).to(torch.uint8)
+    return codes.flatten(dim, dim + 1)
 
 
+@functools.cache
 def _shifts(bits: int, device: torch.device) -> Tensor:
-    """Bit offset of position i of a word: bits * (i // 2) + 16 * (i % 2)."""
-    i = torch.arange(32 // bits, device=device)
+    """Bit offset of position i of a word: bits * (i // 2) + 16 * (i % 2), int32 (made once a
+    device: at batch-1 decode on the CPU its five small ops cost more than the unpacking)."""
+    i = torch.arange(32 // bits, device=device, dtype=torch.int32)
     return bits * (i // 2) + 16 * (i % 2)
 
 
@@ -150,9 +170,11 @@ def quantize_keys(k: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor
     return pack(codes, bits, dim=-1), scale, k_min
 
 
-def dequantize_keys(packed: Tensor, scale: Tensor, k_min: Tensor, bits: int, group_size: int) -> Tensor:
-    """Inverse of `quantize_keys`: [..., T, D * bits / 32] -> [..., T, D] in scale's dtype."""
-    return dequantize(unpack(packed, bits, dim=-1), scale, k_min, group_size, dim=-2)
+def dequantize_keys(packed: Tensor, scale: Tensor, k_min: Tensor, bits: int, group_size: int,
+                    out: Tensor | None = None) -> Tensor:
+    """Inverse of `quantize_keys`: [..., T, D * bits / 32] -> [..., T, D] in scale's dtype (out:
+    as in `dequantize`)."""
+    return dequantize(_unpack_int32(packed, bits, dim=-1), scale, k_min, group_size, dim=-2, out=out)
 
 
 def quantize_values(v: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -164,9 +186,11 @@ def quantize_values(v: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tens
     return words.reshape(*prefix, T, D * bits // 32), scale.mT.contiguous(), v_min.mT.contiguous()
 
 
-def dequantize_values(packed: Tensor, scale: Tensor, v_min: Tensor, bits: int, group_size: int) -> Tensor:
-    """Inverse of `quantize_values`: [..., T, D * bits / 32] and scale, min [..., D / G, T] -> [..., T, D]."""
+def dequantize_values(packed: Tensor, scale: Tensor, v_min: Tensor, bits: int, group_size: int,
+                      out: Tensor | None = None) -> Tensor:
+    """Inverse of `quantize_values`: [..., T, D * bits / 32] and scale, min [..., D / G, T] -> [..., T, D]
+    (out: as in `dequantize`)."""
     *prefix, T, W = packed.shape
     words = packed.reshape(*prefix, T // 2, 2 * W, 1)
-    codes = _value_order_inverse(unpack(words, bits, dim=-1), W * 32 // bits)
-    return dequantize(codes, scale.mT, v_min.mT, group_size, dim=-1)
+    codes = _value_order_inverse(_unpack_int32(words, bits, dim=-1), W * 32 // bits)
+    return dequantize(codes, scale.mT, v_min.mT, group_size, dim=-1, out=out)

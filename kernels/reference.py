@@ -157,20 +157,32 @@ def _uniform_positions(store: tuple, n_q: int, length: int, bits_k: int, bits_v:
     """Keys and values [B, H, length, D] float32 of positions 0 .. length - 1 when every slot
     holds `length` positions, the first n_q in the store: the sinks, the rest of the
     dequantized store, then positions n_q .. length - 1 at ring index p % R, two runs at most
-    (length - n_q <= R), read without a gather."""
+    (length - n_q <= R), read without a gather. A single run of a float32 ring (the plain
+    cache) is returned as a view; otherwise every part is written once into a new tensor."""
     k_ring, v_ring, k_sink, v_sink, k_packed, k_scale, k_min, v_packed, v_scale, v_min = store
-    R, S = k_ring.shape[2], k_sink.shape[2]
+    B, H, R, D = k_ring.shape
     start, count = n_q % R, length - n_q
     first = min(count, R - start)
-    keys = [k_ring[:, :, start : start + first], k_ring[:, :, : count - first]]
-    values = [v_ring[:, :, start : start + first], v_ring[:, :, : count - first]]
+    n_sink = min(k_sink.shape[2], length)
+    if n_q == 0 and first == count and n_sink == 0:
+        return k_ring[:, :, start : start + count].float(), v_ring[:, :, start : start + count].float()
+    keys = torch.empty(B, H, length, D, device=k_ring.device)
+    values = torch.empty_like(keys)
+    for out, ring in ((keys, k_ring), (values, v_ring)):
+        out[:, :, n_q : n_q + first] = ring[:, :, start : start + first]
+        if count > first:
+            out[:, :, n_q + first :] = ring[:, :, : count - first]
     if n_q > 0:
-        keys.insert(0, dequantize_keys(k_packed[:, :, :n_q], k_scale[:, :, : n_q // G], k_min[:, :, : n_q // G], bits_k, G))
-        values.insert(0, dequantize_values(v_packed[:, :, :n_q], v_scale[..., :n_q], v_min[..., :n_q], bits_v, G))
-    keys, values = torch.cat(keys, dim=2).float(), torch.cat(values, dim=2).float()
-    n = min(S, length)
-    if n > 0:  # sink positions come from the sink buffer
-        keys[:, :, :n], values[:, :, :n] = k_sink[:, :, :n].float(), v_sink[:, :, :n].float()
+        # straight into the result where the scales are float32; else rounded to their dtype first
+        into = k_scale.dtype == torch.float32
+        stored_k = dequantize_keys(k_packed[:, :, :n_q], k_scale[:, :, : n_q // G], k_min[:, :, : n_q // G], bits_k,
+                                   G, out=keys[:, :, :n_q] if into else None)
+        stored_v = dequantize_values(v_packed[:, :, :n_q], v_scale[..., :n_q], v_min[..., :n_q], bits_v, G,
+                                     out=values[:, :, :n_q] if into else None)
+        if not into:
+            keys[:, :, :n_q], values[:, :, :n_q] = stored_k, stored_v
+    if n_sink > 0:  # sink positions come from the sink buffer
+        keys[:, :, :n_sink], values[:, :, :n_sink] = k_sink[:, :, :n_sink], v_sink[:, :, :n_sink]
     return keys, values
 
 

@@ -271,6 +271,26 @@ def test_quantize_values_layout_pairs_tokens_by_channel_class(bits, D):
             assert (word >> (bits * slot + 16)) & (2**bits - 1) == codes[2 * p + 1, c]
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_dequantize_into_a_view_equals_the_returned_tensor_bit_for_bit(bits):
+    """out=: keys and values written into a strided view of a larger buffer (as the CPU attention
+    reference does) are the very floats the plain call returns, and nothing else is touched."""
+    G, T, D = 32, 96, 64
+    k, v = (random_data((2, 3, T, D), seed, 1.0, "normal") for seed in (21, 22))
+    for (packed, scale, x_min), dequant in ((quantize_keys(k, bits, G), dequantize_keys),
+                                            (quantize_values(v, bits, G), dequantize_values)):
+        buffer = torch.full((2, 3, T + 40, D), 7.0)
+        dequant(packed, scale, x_min, bits, G, out=buffer[:, :, :T])
+        assert torch.equal(buffer[:, :, :T], dequant(packed, scale, x_min, bits, G))
+        assert torch.all(buffer[:, :, T:] == 7.0)
+
+
+def test_dequantize_into_a_tensor_refuses_scales_it_would_have_to_round():
+    packed, scale, k_min = quantize_keys(random_data((16, 32), 23, 1.0, "normal", torch.float16), 2, 16)
+    with pytest.raises(ValueError, match="float32 scales and out only"):
+        dequantize_keys(packed, scale, k_min, 2, 16, out=torch.empty(16, 32))
+
+
 # ---------------------------------------------------------------- constant groups
 
 
