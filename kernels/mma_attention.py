@@ -453,6 +453,15 @@ def _value_operand(p):
 
 
 @gluon.jit
+def _slot_stores(K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, bh, L: gl.constexpr, D: gl.constexpr,
+                 G: gl.constexpr, BITS_K: gl.constexpr, BITS_V: gl.constexpr):
+    """The packed store of (slot, kv head) bh = b * H + h (int64): its codes, k_scale, k_min,
+    v_scale and v_min (layouts of quantize_kv.py)."""
+    return (K_PACKED + bh * L * (D * BITS_K // 32), K_SCALE + bh * (L // G) * D, K_MIN + bh * (L // G) * D,
+            V_PACKED + bh * L * (D * BITS_V // 32), V_SCALE + bh * L * (D // G), V_MIN + bh * L * (D // G))
+
+
+@gluon.jit
 def _mma_kernel(
     Q, K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, LENGTHS, N_QUANTIZED, O_PART, LSE_PART,
     stride_qb, stride_qh, qk_scale, NUM_SPLITS,
@@ -505,12 +514,8 @@ def _mma_kernel(
     q_min = gl.allocate_shared_memory(DTYPE, [D, HN], gl.SwizzledSharedLayout(1, 1, 1, [0, 1]), q)
     key_bias = gl.allocate_shared_memory(gl.float32, [HM, HN], _ring_layout([0]))  # [key groups, heads]
 
-    KP = K_PACKED + bh * L * (D * BITS_K // 32)
-    KS = K_SCALE + bh * (L // G) * D
-    KM = K_MIN + bh * (L // G) * D
-    VP = V_PACKED + bh * L * (D * BITS_V // 32)
-    VS = V_SCALE + bh * L * NGV
-    VM = V_MIN + bh * L * NGV
+    KP, KS, KM, VP, VS, VM = _slot_stores(K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, bh, L, D, G, BITS_K,
+                                          BITS_V)
     acc = ()
     for gv in gl.static_range(NGV):
         acc = acc + (gl.zeros([G, HN], gl.float32, MMA),)

@@ -48,7 +48,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from kernels.mma_attention import (_PUBLIC_REINTERPRET, _async_load, _barrier, _bits_of, _exp2, _extract, _grid2,
-                                   _pairs_to_operand, _slots, async_copy)
+                                   _pairs_to_operand, _slot_stores, _slots, async_copy)
 
 TB = gl.constexpr(64)  # tokens a block: the M of the score MMA, 16 a warp
 TAU = gl.constexpr(8.0)
@@ -390,12 +390,8 @@ def _wgmma_kernel(
         return
 
     bh = pid_bh.to(gl.int64)
-    KP = K_PACKED + bh * L * (D * BITS_K // 32)
-    KS = K_SCALE + bh * (L // G) * D
-    KM = K_MIN + bh * (L // G) * D
-    VP = V_PACKED + bh * L * (D * BITS_V // 32)
-    VS = V_SCALE + bh * L * (D // G)
-    VM = V_MIN + bh * L * (D // G)
+    KP, KS, KM, VP, VS, VM = _slot_stores(K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, bh, L, D, G, BITS_K,
+                                          BITS_V)
     q_row0 = b * stride_qb + (h * HG) * stride_qh
     q0 = _q_to_shared(Q, q_row0, stride_qh, 0, HG, N0, D)
     p0_smem = _p_buffer(N0)
