@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kivi_cache import CacheConfig, parse_kv_mode
+from kivi_cache import CacheConfig, PackedPrompts, parse_kv_mode
 from model import CONFIGS, ModelArgs, Transformer, build_model
 from planner import PREFILL_TOKENS, device_budget, max_batch_size
 import tp
@@ -291,8 +291,8 @@ def prefill(model: Transformer, prompts: list[list[int]], slots: list[int]) -> T
             n_tokens += len(prompts[end])
             end += 1
         tokens = torch.tensor([[t for p in prompts[start:end] for t in p]], device=device)  # [1, n_tokens]
-        slot_idx = torch.tensor(slots[start:end], device=device)
-        last.append(model(tokens, slots=slot_idx, seq_lens=[len(p) for p in prompts[start:end]], last_only=True)[0])
+        packed = PackedPrompts(slots[start:end], [len(p) for p in prompts[start:end]], device)
+        last.append(model(tokens, prompts=packed, last_only=True)[0])
         start = end
     return torch.cat(last)
 

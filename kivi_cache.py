@@ -23,7 +23,9 @@ and prefill of a T-token prompt leaves exactly the state T decode appends would:
 n_q(T) tokens are quantized straight into the packed store, the rest go to the ring.
 """
 
+import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +78,43 @@ class CacheConfig:
                          self.n_sink, dtype, device, window)
 
 
+class PackedPrompts:
+    """n prompts packed along one token axis for a prefill forward: prompt i is packed tokens
+    first[i] .. first[i] + seq_lens[i] - 1 and fills positions 0 .. seq_lens[i] - 1 of cache
+    slot slots[i]. Made once a forward and handed to every layer's cache; the index tensors a
+    cache scatters with are made on the device at the first layer's call and reused by the
+    others (a host-to-device copy waits for the GPU: one a forward, not one a layer)."""
+
+    def __init__(self, slots: list[int], seq_lens: list[int], device: torch.device | str):
+        if len(slots) != len(seq_lens) or not seq_lens or min(seq_lens) < 1:
+            raise ValueError(f"prefill takes one slot per non-empty prompt: slots {slots}, lengths {seq_lens}")
+        self.slots, self.seq_lens, self.device = list(slots), list(seq_lens), torch.device(device)
+        self.first = list(itertools.accumulate(seq_lens, initial=0))[:-1]
+        self._made: dict = {}
+
+    def on_device(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
+        """make() (a CPU tensor) on the device, made once per key."""
+        if key not in self._made:
+            self._made[key] = make().to(self.device)
+        return self._made[key]
+
+    def cu_lens(self) -> Tensor:
+        """[n + 1] int32: prompt i is packed tokens cu_lens[i] .. cu_lens[i + 1] - 1."""
+        return self.on_device(("cu_lens",), lambda: torch.tensor([*self.first, sum(self.seq_lens)], dtype=torch.int32))
+
+    def part(self, start: list[int], end: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Positions start[i] .. end[i] - 1 of every prompt i: their packed token, slot and
+        position, each [M] int64 on the device."""
+        def make() -> Tensor:
+            counts = torch.tensor(end) - torch.tensor(start)
+            prompt = torch.repeat_interleave(torch.arange(len(counts)), counts)  # [M]
+            offset = torch.arange(len(prompt)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+            pos = torch.tensor(start)[prompt] + offset
+            return torch.stack([torch.tensor(self.first)[prompt] + pos, torch.tensor(self.slots)[prompt], pos])
+
+        return tuple(self.on_device(("part", *start, *end), make))
+
+
 class StaticCache(nn.Module):
     """Plain cache: k_cache, v_cache [max_batch, kv_heads, max_seq_len, head_dim]."""
 
@@ -90,10 +129,11 @@ class StaticCache(nn.Module):
         self.register_buffer("empty", torch.zeros(max_batch, n_kv_heads, 0, head_dim, dtype=dtype, device=device))
         self.register_buffer("empty_codes", torch.zeros(max_batch, n_kv_heads, 0, head_dim, dtype=torch.int32, device=device))
 
-    def prefill(self, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        T = k.shape[2]
-        self.k_cache[slots, :, :T] = k
-        self.v_cache[slots, :, :T] = v
+    def prefill(self, prompts: "PackedPrompts", k: Tensor, v: Tensor) -> None:
+        """k, v [N, H, D]: the packed prompts' tokens, in order."""
+        _, slot, pos = prompts.part([0] * len(prompts.seq_lens), prompts.seq_lens)
+        self.k_cache[slot, :, pos] = k
+        self.v_cache[slot, :, pos] = v
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         kernels.call("append", self.k_cache, self.v_cache, k, v, input_pos)
@@ -130,25 +170,24 @@ class KiviCache(nn.Module):
         buf("k_sink", B, H, n_sink, D)
         buf("v_sink", B, H, n_sink, D)
 
-    def prefill(self, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        """k, v [n, H, T, D]: positions 0..T-1 of the n slots (see the flush rule at the top)."""
-        T = k.shape[2]
+    def prefill(self, prompts: "PackedPrompts", k: Tensor, v: Tensor) -> None:
+        """k, v [N, H, D]: the packed prompts' tokens (see the flush rule at the top)."""
         G, R, S = self.group_size, self.residual_len, self.n_sink
-        n_q = n_quantized(T, R, G)
+        lengths = prompts.seq_lens
+        n_q = [n_quantized(T, R, G) for T in lengths]
         if S > 0:
-            self.k_sink[slots, :, : min(S, T)] = k[:, :, :S]
-            self.v_sink[slots, :, : min(S, T)] = v[:, :, :S]
-        if n_q > 0:
-            torch.ops.kivi.quantize_prompt(
-                k[:, :, :n_q], v[:, :, :n_q], slots, self.k_packed, self.k_scale, self.k_min, self.v_packed,
-                self.v_scale, self.v_min, self.bits_k, self.bits_v, G, S,
-            )
-        # positions n_q .. T-1 (at most R) at ring index p % R: two runs, wrapping at most once
-        first = min(T - n_q, R - n_q % R)
-        for ring, x in ((self.k_ring, k), (self.v_ring, v)):
-            ring[slots, :, n_q % R : n_q % R + first] = x[:, :, n_q : n_q + first]
-            if first < T - n_q:
-                ring[slots, :, : T - n_q - first] = x[:, :, n_q + first :]
+            token, slot, pos = prompts.part([0] * len(lengths), [min(S, T) for T in lengths])
+            self.k_sink[slot, :, pos] = k[token]
+            self.v_sink[slot, :, pos] = v[token]
+        if max(n_q) > 0:
+            table = prompts.on_device(("quantize", *n_q), lambda: torch.tensor(
+                [[first, slot, count] for first, slot, count in zip(prompts.first, prompts.slots, n_q)],
+                dtype=torch.int32))
+            torch.ops.kivi.quantize_prompt(k, v, table, max(n_q), self.k_packed, self.k_scale, self.k_min,
+                                           self.v_packed, self.v_scale, self.v_min, self.bits_k, self.bits_v, G, S)
+        token, slot, pos = prompts.part(n_q, lengths)  # positions n_q .. T - 1 (at most R) at ring index p % R
+        self.k_ring[slot, :, pos % R] = k[token]
+        self.v_ring[slot, :, pos % R] = v[token]
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Append k, v [B, H, D] at input_pos [B], flush full rings, attend q [B, Hq, D]."""

@@ -4,7 +4,8 @@ multi-query attention with optional q/k/v biases, per-head q/k norms and a slidi
 sequential (Llama, Mistral, Qwen) or parallel (Falcon) blocks, optional tied embeddings.
 
 The KV cache is a separate module each attention layer calls through two methods:
-    cache.prefill(slots, k, v)          k, v [n, kv_heads, T, head_dim], positions 0..T-1
+    cache.prefill(prompts, k, v)        k, v [N, kv_heads, head_dim]: the tokens of n prompts
+                                        packed along one axis (kivi_cache.PackedPrompts)
     cache.decode(q, k, v, input_pos)    q [B, heads, D], k, v [B, kv_heads, D] -> [B, heads, D]
 Prefill takes several prompts of different lengths packed into one row of tokens and attends
 in full precision within each prompt (varlen flash attention on the GPU); decode appends the
@@ -28,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tp
 from kernels import pointwise
+from kivi_cache import PackedPrompts
 
 # cuDNN attention (the default on Hopper) builds a plan for every new prompt length, about
 # 1 ms of host time a layer: batch generation meets a new length with nearly every prompt.
@@ -306,20 +308,19 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def packed_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: list[int], window: int) -> Tensor:
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, prompts: PackedPrompts, window: int) -> Tensor:
     """Causal attention within each of several packed sequences: q [N, heads, D], k, v
-    [N, kv_heads, D], sequence i the next seq_lens[i] rows -> [N, heads, D]. On CUDA in 16-bit
+    [N, kv_heads, D], sequence i the next prompts.seq_lens[i] rows -> [N, heads, D]. On CUDA in 16-bit
     floats one varlen flash-attention call (kv heads grouped natively; the window as flash's
     left size W - 1: query i sees keys i - W + 1 .. i); elsewhere causal_attention a sequence."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        cu_lens = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=q.device)
-        longest = max(seq_lens)
+        cu_lens, longest = prompts.cu_lens(), max(prompts.seq_lens)
         left, right = (window - 1, 0) if window > 0 else (None, None)
         return torch.ops.aten._flash_attention_forward(
             q, k, v, cu_lens, cu_lens, longest, longest, 0.0, True, False, window_size_left=left, window_size_right=right,
         )[0]
     out = [causal_attention(*(t.transpose(0, 1)[None] for t in qkv), window)[0].transpose(0, 1)
-           for qkv in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens))]
+           for qkv in zip(q.split(prompts.seq_lens), k.split(prompts.seq_lens), v.split(prompts.seq_lens))]
     return torch.cat(out)
 
 
@@ -334,8 +335,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.kv_cache: nn.Module | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, slots: Tensor | None,
-                seq_lens: list[int] | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
+                prompts: PackedPrompts | None) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         qkv = self.wqkv(x)  # [B, T, q_size + 2 * kv_size]
@@ -347,11 +348,9 @@ class Attention(nn.Module):
         if input_pos is not None:  # decode: one new token per slot, through the cache
             y = self.kv_cache.decode(q[:, 0], k[:, 0], v[:, 0], input_pos)  # [B, heads, D]
             return self.wo(y.reshape(B, 1, q_size))
-        if slots is not None:  # prefill: B == 1, the prompts packed along T
-            for i, (start, length) in enumerate(zip(itertools.accumulate(seq_lens, initial=0), seq_lens)):
-                prompt_kv = (t[0, start : start + length].transpose(0, 1)[None] for t in (k, v))  # [1, kv_heads, T_i, D]
-                self.kv_cache.prefill(slots[i : i + 1], *prompt_kv)
-            y = packed_attention(q[0], k[0], v[0], seq_lens, self.sliding_window)  # [T, heads, D]
+        if prompts is not None:  # prefill: B == 1, the prompts packed along T
+            self.kv_cache.prefill(prompts, k[0], v[0])
+            y = packed_attention(q[0], k[0], v[0], prompts, self.sliding_window)  # [T, heads, D]
             return self.wo(y.reshape(1, T, q_size))
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.sliding_window)
         return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
@@ -383,11 +382,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = make_norm(args)
         self.ffn_norm = None if args.shared_norm else make_norm(args)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, slots: Tensor | None,
-                seq_lens: list[int] | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
+                prompts: PackedPrompts | None) -> Tensor:
         # under tensor parallelism attention and MLP give this rank's partial sums (tp.py)
         h = self.attention_norm(x)
-        attn = self.attention(h, cos, sin, input_pos, slots, seq_lens)
+        attn = self.attention(h, cos, sin, input_pos, prompts)
         if self.parallel:
             return x + tp.all_reduce(attn + self.feed_forward(h if self.ffn_norm is None else self.ffn_norm(x)))
         h = x + tp.all_reduce(attn)
@@ -420,14 +419,14 @@ class Transformer(nn.Module):
         return torch.cat([cos, cos], dim=-1)[:, :, None], torch.cat([-sin, sin], dim=-1)[:, :, None]
 
     def forward(
-        self, tokens: Tensor, input_pos: Tensor | None = None, slots: Tensor | None = None,
-        seq_lens: list[int] | None = None, last_only: bool = False,
+        self, tokens: Tensor, input_pos: Tensor | None = None, prompts: PackedPrompts | None = None,
+        last_only: bool = False,
     ) -> Tensor:
         """tokens [B, T] -> logits [B, T, vocab] (float32); with last_only, each sequence's last.
 
-        input_pos None, slots None: plain causal forward over positions 0..T-1, no cache.
-        slots [n], seq_lens (n lengths summing to T): prefill of n prompts packed in tokens
-            [1, T], prompt i into cache slot slots[i] at positions 0..seq_lens[i]-1; with
+        input_pos None, prompts None: plain causal forward over positions 0..T-1, no cache.
+        prompts (n lengths summing to T): prefill of n prompts packed in tokens [1, T], prompt
+            i into cache slot prompts.slots[i] at positions 0..prompts.seq_lens[i]-1; with
             last_only, logits [1, n, vocab].
         input_pos [B]: decode, T == 1, slot b's token at position input_pos[b].
         """
@@ -435,10 +434,11 @@ class Transformer(nn.Module):
         if input_pos is not None:
             positions = input_pos[:, None]
             seq_len = positions + 1
-        elif slots is not None:
-            if B != 1 or sum(seq_lens) != T or len(seq_lens) != len(slots):
+        elif prompts is not None:
+            seq_lens = prompts.seq_lens
+            if B != 1 or sum(seq_lens) != T:
                 raise ValueError(f"prefill packs prompts in one row: tokens {list(tokens.shape)}, "
-                                 f"{len(slots)} slots, lengths summing to {sum(seq_lens)}")
+                                 f"lengths summing to {sum(seq_lens)}")
             positions = torch.cat([torch.arange(n) for n in seq_lens]).to(tokens.device)[None]
             seq_len = torch.cat([torch.full((n,), n) for n in seq_lens]).to(tokens.device)[None]
         else:
@@ -447,9 +447,9 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, seq_len)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, slots, seq_lens)
+            x = layer(x, cos, sin, input_pos, prompts)
         if last_only:
-            ends = list(itertools.accumulate(seq_lens)) if slots is not None else [T]
+            ends = list(itertools.accumulate(prompts.seq_lens)) if prompts is not None else [T]
             x = x[:, [end - 1 for end in ends]]
         x = self.norm(x)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight

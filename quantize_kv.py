@@ -5,7 +5,8 @@ per-token (a group is G consecutive channels of one token). Each group stores it
 plus `scale` and `min` in the model dtype:
 
     scale = (max - min) / (2^bits - 1)
-    code  = clamp(round((x - min) / scale), 0, 2^bits - 1)
+    code  = clamp(round((x - min) * (1 / scale)), 0, 2^bits - 1)   (1 / scale in float32, the
+            product rounded once, half to even)
     x_hat = code * scale + min
 
 A constant group (max == min) has scale 0: codes are 0 and x_hat == min exactly.
@@ -74,8 +75,11 @@ def quantize(x: Tensor, bits: int, group_size: int, dim: int) -> tuple[Tensor, T
     # a tensor divisor: CUDA divides by a Python number as a multiply by its rounded inverse,
     # which is not the IEEE quotient the kernels compute
     scale = ((x_max - x_min) / torch.full((), max_code, dtype=torch.float32, device=x.device)).to(x.dtype).float()
-    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = ((grouped - x_min) / safe_scale).round_().clamp_(0, max_code)
+    # codes: the product of x - min and the float32 inverse of the scale, rounded once (half to
+    # even); the product of two float32 numbers is exact in float64, and a kernel gets the same
+    # rounding from one fused multiply-add
+    inverse = torch.reciprocal(torch.where(scale > 0, scale, torch.ones_like(scale)))
+    codes = ((grouped - x_min).double() * inverse.double()).round_().clamp_(0, max_code)
     codes = torch.where(scale > 0, codes, torch.zeros_like(codes))
     return (
         codes.flatten(dim, dim + 1).to(torch.uint8),
@@ -95,11 +99,9 @@ def dequantize(codes: Tensor, scale: Tensor, x_min: Tensor, group_size: int, dim
     if out is not None:
         if scale.dtype != torch.float32 or out.dtype != torch.float32:
             raise ValueError(f"dequantize into a tensor: float32 scales and out only, got {scale.dtype}, {out.dtype}")
-        out_grouped = out.unflatten(dim, (-1, group_size))
-        torch.mul(grouped, scale, out=out_grouped)  # integer codes convert exactly
-        out_grouped.add_(x_min)
+        torch.addcmul(x_min, grouped, scale, out=out.unflatten(dim, (-1, group_size)))  # integer codes convert exactly
         return out
-    x = grouped.float() * scale.float() + x_min.float()
+    x = torch.addcmul(x_min.float(), grouped.float(), scale.float())
     return x.flatten(dim, dim + 1).to(scale.dtype)
 
 
@@ -153,11 +155,15 @@ def _value_order(codes: Tensor, bits: int) -> Tensor:
     return x.unflatten(-2, (-1, 16 // bits)).flatten(-2)
 
 
-def _value_order_inverse(x: Tensor, D: int) -> Tensor:
-    """Inverse of _value_order: [..., T / 2, 2W, 2 * SPW] -> [..., T, D]."""
-    x = x.unflatten(-1, (-1, 2)).flatten(-3, -2).unflatten(-2, (8, D // 8))  # [..., P, c % 8, D / 8, u]
-    n = x.dim()
-    return x.permute(*range(n - 4), n - 4, n - 1, n - 2, n - 3).flatten(-2).flatten(-3, -2)
+@functools.cache
+def _value_words(bits: int, D: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Where channel c of a token pair sits in the pair's run of 2W words (see the top): the
+    word [D] and, for token u of the pair, the bit offset [2, D] int32 (made once a device)."""
+    c = torch.arange(D)
+    slot = (c % 8) * (D // 8) + c // 8
+    per_half = 16 // bits
+    shift = bits * (slot % per_half) + 16 * torch.arange(2)[:, None]
+    return (slot // per_half).to(device), shift.to(device=device, dtype=torch.int32)
 
 
 def quantize_keys(k: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -190,7 +196,9 @@ def dequantize_values(packed: Tensor, scale: Tensor, v_min: Tensor, bits: int, g
                       out: Tensor | None = None) -> Tensor:
     """Inverse of `quantize_values`: [..., T, D * bits / 32] and scale, min [..., D / G, T] -> [..., T, D]
     (out: as in `dequantize`)."""
+    check_bits(bits)
     *prefix, T, W = packed.shape
-    words = packed.reshape(*prefix, T // 2, 2 * W, 1)
-    codes = _value_order_inverse(_unpack_int32(words, bits, dim=-1), W * 32 // bits)
-    return dequantize(codes, scale.mT, v_min.mT, group_size, dim=-1, out=out)
+    word, shift = _value_words(bits, W * 32 // bits, packed.device)
+    runs = packed.reshape(*prefix, T // 2, 1, 2 * W)  # a token pair's run of words
+    codes = (runs.index_select(-1, word) >> shift) & (2**bits - 1)  # [..., T / 2, 2, D], channels in order
+    return dequantize(codes.flatten(-3, -2), scale.mT, v_min.mT, group_size, dim=-1, out=out)

@@ -7,8 +7,10 @@ device and torch.compile sees them as known mutations:
     torch.ops.kivi.flush(k_ring, v_ring, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
         lengths, bits_k, bits_v, group_size, n_sink)   mutates the packed stores
     torch.ops.kivi.append(k_ring, v_ring, k, v, input_pos)   ring[b, :, input_pos[b] % R] = k[b]
-    torch.ops.kivi.quantize_prompt(k, v, slots, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
-        bits_k, bits_v, group_size, n_sink)   prefill: whole groups into the store, mutates it
+    torch.ops.kivi.quantize_prompt(k, v, prompts, longest, k_packed, k_scale, k_min, v_packed, v_scale,
+        v_min, bits_k, bits_v, group_size, n_sink)   prefill: the whole groups of prompts packed
+        along one token axis, k, v [N, H, D], prompts [n, 3] int32 (first token, slot, count),
+        into the store, mutates it
 
 The cache calls them through `call` (below), which skips the op dispatch in eager mode on
 the CPU. (The Python names end in _op so that they do not shadow the kernel modules.) The default
@@ -72,11 +74,11 @@ flush_op.register_kernel("cuda")(flush_triton)
 
 @torch.library.custom_op("kivi::quantize_prompt", mutates_args=STORE)
 def quantize_prompt_op(
-    k: Tensor, v: Tensor, slots: Tensor,
+    k: Tensor, v: Tensor, prompts: Tensor, longest: int,
     k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
     bits_k: int, bits_v: int, group_size: int, n_sink: int,
 ) -> None:
-    quantize_prompt_reference(k, v, slots, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
+    quantize_prompt_reference(k, v, prompts, longest, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
                               bits_k, bits_v, group_size, n_sink)
 
 

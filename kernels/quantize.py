@@ -6,21 +6,26 @@ bit as the reference does (kernels/reference.py):
     (length - R) % G == 0 is evaluated inside the kernel, so the launch is the same every
     step (CUDA-graph friendly); elsewhere the program exits after reading the length. The
     group starts at p0 = length - R; token p sits at ring index p % R.
-  quantize_prompt: every group of a prefilled prompt, k, v [n, H, T, D] (any strides with
-    a dense last dim) into slots[i]. Grid (n * H, T / G), one program per (row, kv head, group).
+  quantize_prompt: the whole groups of n prompts packed along one token axis, k, v [N, H, D]
+    (any strides with a dense last dim); prompt i's first count_i tokens (a multiple of G,
+    from packed token first_i) into the store of its slot. Grid (n * H, longest / G), one
+    program per (prompt, kv head, group); a group past its prompt's count exits at once.
 
 One group of one (slot, kv head), tokens p0 .. p0+G-1 (layouts of quantize_kv.py):
-  Keys, per channel over the G tokens: tile [G, W, PW], channel w * PW + i; word w of a
-  token = sum_i code[i] << (BITS_K * (i // 2) + 16 * (i % 2)). Positions below S (sinks,
+  Keys, per channel over the G tokens: tile [G, D], codes viewed as [G, W, PW] (channel
+  w * PW + i) for the packing; word w of a token = sum_i code[i] << (BITS_K * (i // 2) + 16 * (i % 2)). Positions below S (sinks,
   group 0 only) take the values of position S for min/max.
   Values, per token over G channels: tile [G / 2, 2, NGV, G / 8, 8] (pair, token in the pair,
   group, channel // 8 in the group, channel % 8); reordered to [G / 2, D / SPW, SPW, 2] (pair,
   word, slot, token: slot n = (c % 8) * D / 8 + c // 8 of the pair), word = sum over its slots
   k and tokens u of code << (BITS_V * k + 16 * u).
 Arithmetic is quantize_kv.quantize's: fp32 statistics, min and scale rounded to the storage
-dtype before the codes, IEEE division, round half to even, a constant group -> scale 0, codes 0.
+dtype before the codes, the scale an IEEE quotient, a code the product of x - min and the
+scale's IEEE inverse rounded once (a fused multiply-add, half to even), a constant group ->
+scale 0, codes 0.
 """
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -40,8 +45,8 @@ def _quantize(x, lo, hi, BITS: tl.constexpr, DTYPE: tl.constexpr):
     max_code: tl.constexpr = (1 << BITS) - 1
     x_min = lo.to(DTYPE).to(tl.float32)
     scale = tl.math.div_rn(hi - x_min, tl.full(hi.shape, max_code, tl.float32)).to(DTYPE).to(tl.float32)
-    safe = tl.where(scale > 0, scale, 1.0)
-    q = (tl.math.div_rn(x - x_min, safe) + ROUND) - ROUND
+    inverse = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), tl.where(scale > 0, scale, 1.0))
+    q = tl.math.fma(x - x_min, inverse, ROUND) - ROUND  # one rounding: the exact product, half to even
     codes = tl.where(scale > 0, tl.minimum(tl.maximum(q, 0.0), max_code), 0.0).to(tl.int32)
     return codes, scale.to(DTYPE), x_min.to(DTYPE)
 
@@ -63,18 +68,18 @@ def _quantize_group(
     dtype = K_SCALE.dtype.element_ty
     PW: tl.constexpr = 32 // BITS_K
     W: tl.constexpr = D // PW
-    t = tl.arange(0, G)[:, None, None]
-    w = tl.arange(0, W)[None, :, None]
-    i = tl.arange(0, PW)[None, None, :]
-    pos = p0 + t  # [G, 1, 1]
-    k = tl.load(K_SRC + (pos % MOD) * k_stride + w * PW + i).to(tl.float32)  # [G, W, PW]
+    pos = p0 + tl.arange(0, G)[:, None]  # [G, 1]
+    channel = tl.arange(0, D)[None, :]
+    # a [G, D] tile keeps the channels contiguous in a thread and the tokens across few
+    # lanes: the per-channel reductions stay mostly in registers
+    k = tl.load(K_SRC + (pos % MOD) * k_stride + channel).to(tl.float32)  # [G, D]
     if S > 0:
-        k_first = tl.load(K_SRC + ((p0 + S) % MOD) * k_stride + w * PW + i).to(tl.float32)  # [1, W, PW]
+        k_first = tl.load(K_SRC + ((p0 + S) % MOD) * k_stride + channel).to(tl.float32)  # [1, D]
         k = tl.where(pos < S, k_first, k)
-    lo = tl.min(k, 0)[None]
-    hi = tl.max(k, 0)[None]
+    lo = tl.min(k, 0)[None, :]
+    hi = tl.max(k, 0)[None, :]
     codes, scale, k_min = _quantize(k, lo, hi, BITS_K, dtype)
-    words = tl.reduce(codes << _pair_shifts(PW, BITS_K)[None, None, :], 2, _bit_or)  # [G, W]
+    words = tl.reduce(tl.reshape(codes, [G, W, PW]) << _pair_shifts(PW, BITS_K)[None, None, :], 2, _bit_or)  # [G, W]
     tok = bh * L + p0 + tl.arange(0, G)[:, None]  # [G, 1]
     tl.store(K_PACKED + tok * W + tl.arange(0, W)[None, :], words)
     sc = bh * (L // G) * D + p0 // G * D + tl.arange(0, D)
@@ -121,18 +126,19 @@ def _flush_kernel(
 
 @triton.jit
 def _prompt_kernel(
-    K, V, SLOTS, K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN,
-    sk_n, sk_h, sk_t, sv_n, sv_h, sv_t, T,
+    K, V, PROMPTS, K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, sk_t, sk_h, sv_t, sv_h, N,
     H: tl.constexpr, L: tl.constexpr, S: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BITS_K: tl.constexpr, BITS_V: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = (pid // H).to(tl.int64)
-    h = (pid % H).to(tl.int64)
-    bh = tl.load(SLOTS + row).to(tl.int64) * H + h
+    prompt = PROMPTS + (pid // H) * 3  # (first packed token, slot, tokens to quantize)
     p0 = tl.program_id(1).to(tl.int64) * G  # int64 positions: token offsets are p * stride
-    _quantize_group(K + row * sk_n + h * sk_h, sk_t, V + row * sv_n + h * sv_h, sv_t, T, p0,
-                    K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, bh, L, S, D, G, BITS_K, BITS_V)
+    if p0 < tl.load(prompt + 2):
+        h = (pid % H).to(tl.int64)
+        first = tl.load(prompt).to(tl.int64)
+        bh = tl.load(prompt + 1).to(tl.int64) * H + h
+        _quantize_group(K + first * sk_t + h * sk_h, sk_t, V + first * sv_t + h * sv_h, sv_t, N, p0,
+                        K_PACKED, K_SCALE, K_MIN, V_PACKED, V_SCALE, V_MIN, bh, L, S, D, G, BITS_K, BITS_V)
 
 
 def _check_store(bufs: tuple[Tensor, ...], n_sink: int, group_size: int) -> None:
@@ -161,28 +167,29 @@ def flush(
 
 
 def quantize_prompt(
-    k: Tensor, v: Tensor, slots: Tensor,
+    k: Tensor, v: Tensor, prompts: Tensor, longest: int,
     k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
     bits_k: int, bits_v: int, group_size: int, n_sink: int,
 ) -> None:
     """Triton implementation of kernels.reference.quantize_prompt_reference (same arguments;
     store buffers contiguous, k and v with a dense last dim)."""
-    n, H, T, D = k.shape
+    N, H, D = k.shape
     _check_store((k_packed, k_scale, k_min, v_packed, v_scale, v_min), n_sink, group_size)
     if v.shape != k.shape or (H, D) != (k_scale.shape[1], k_scale.shape[3]):
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match a store of {H} heads of {D}")
     if not k.dtype == v.dtype == k_scale.dtype:
         raise ValueError(f"k and v ({k.dtype}, {v.dtype}) must have the store's dtype {k_scale.dtype}")
-    if k.stride(3) != 1 or v.stride(3) != 1:
+    if k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("k and v need a dense last dim")
-    if T % group_size != 0 or T > k_packed.shape[2]:
-        raise ValueError(f"{T} prompt tokens are not whole groups of {group_size} within {k_packed.shape[2]}")
-    if slots.shape != (n,) or slots.device != k.device or slots.is_floating_point():
-        raise ValueError(f"slots must be {n} integer indices on {k.device}")
-    if n == 0 or T == 0:
+    if longest % group_size != 0 or not 0 <= longest <= min(N, k_packed.shape[2]):
+        raise ValueError(f"{longest} prompt tokens are not whole groups of {group_size} within {k_packed.shape[2]}")
+    if prompts.dim() != 2 or prompts.shape[1] != 3 or prompts.dtype != torch.int32 or prompts.device != k.device:
+        raise ValueError(f"prompts must be int32 rows (first token, slot, count) on {k.device}, "
+                         f"got {prompts.dtype} {tuple(prompts.shape)}")
+    if prompts.shape[0] == 0 or longest == 0:
         return
-    _prompt_kernel[(n * H, T // group_size)](
-        k, v, slots, k_packed, k_scale, k_min, v_packed, v_scale, v_min,
-        *k.stride()[:3], *v.stride()[:3], T,
+    _prompt_kernel[(prompts.shape[0] * H, longest // group_size)](
+        k, v, prompts.contiguous(), k_packed, k_scale, k_min, v_packed, v_scale, v_min,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), N,
         H=H, L=k_packed.shape[2], S=n_sink, D=D, G=group_size, BITS_K=bits_k, BITS_V=bits_v,
     )

@@ -77,23 +77,28 @@ def flush_reference(
 
 
 def quantize_prompt_reference(
-    k: Tensor, v: Tensor, slots: Tensor,
+    k: Tensor, v: Tensor, prompts: Tensor, longest: int,
     k_packed: Tensor, k_scale: Tensor, k_min: Tensor, v_packed: Tensor, v_scale: Tensor, v_min: Tensor,
     bits_k: int, bits_v: int, group_size: int, n_sink: int,
 ) -> None:
-    """Quantize positions 0..T-1 of n prompts, k, v [n, H, T, D] with T a multiple of G, into
-    the stores of slots [n] (sinks hidden from group 0's key ranges)."""
+    """Quantize the whole groups of n prompts packed along one token axis, k, v [N, H, D]:
+    prompts [n, 3] int32 rows (first packed token, slot, count), the count (a multiple of G,
+    at most `longest`) of tokens from the first into positions 0 .. count - 1 of the slot's
+    store (sinks hidden from group 0's key ranges)."""
     G = group_size
-    T = k.shape[2]
-    kp, ks, km = quantize_keys(hide_sinks(k, torch.zeros(k.shape[0], dtype=torch.long, device=k.device), n_sink),
-                               bits_k, G)
-    vp, vs, vm = quantize_values(v, bits_v, G)
-    k_packed[slots, :, :T] = kp
-    k_scale[slots, :, : T // G] = ks
-    k_min[slots, :, : T // G] = km
-    v_packed[slots, :, :T] = vp
-    v_scale[slots, :, :, :T] = vs
-    v_min[slots, :, :, :T] = vm
+    first_pos = torch.zeros(1, dtype=torch.long, device=k.device)
+    for first, slot, count in prompts.tolist():
+        if count == 0:
+            continue
+        kp, ks, km = quantize_keys(hide_sinks(k[first : first + count].transpose(0, 1)[None], first_pos, n_sink),
+                                   bits_k, G)  # [1, H, count, ...]
+        vp, vs, vm = quantize_values(v[first : first + count].transpose(0, 1)[None], bits_v, G)
+        k_packed[slot, :, :count] = kp[0]
+        k_scale[slot, :, : count // G] = ks[0]
+        k_min[slot, :, : count // G] = km[0]
+        v_packed[slot, :, :count] = vp[0]
+        v_scale[slot, :, :, :count] = vs[0]
+        v_min[slot, :, :, :count] = vm[0]
 
 
 def decode_attention_reference(

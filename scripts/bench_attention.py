@@ -263,22 +263,25 @@ def main() -> None:
                            exact))
         del c, ref
 
-    # prefill's quantization of one 2000-token prompt (1888 tokens quantized) into slot 5 of 8,
-    # k and v as the model makes them ([1, T, H, D] transposed), 4 sinks
-    T, H, D = n_quantized(2000, R, G), 32, 128
+    # prefill's quantization of 8 packed 1000-token prompts (928 tokens of each quantized) into
+    # slots 0..7, k and v as the model makes them ([N, H, D] views of the q, k, v projection), 4 sinks
+    n_prompts, length, H, D = 8, 1000, 32, 128
+    count = n_quantized(length, R, G)
     prompt_rows = []
     for bits in (2, 4):
         c = kivi_cache(8, H, 4096, D, bits, dtype)
-        k, v = (torch.randn(1, T, H, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(2))
-        slots = torch.tensor([5], device="cuda")
+        qkv = torch.randn(n_prompts * length, 3 * H, D, device="cuda", dtype=dtype)
+        k, v = qkv[:, H : 2 * H], qkv[:, 2 * H :]
+        prompts = torch.tensor([[i * length, i, count] for i in range(n_prompts)], dtype=torch.int32, device="cuda")
         store = lambda bufs: [bufs[name] for name in ("k_packed", "k_scale", "k_min", "v_packed", "v_scale", "v_min")]
         ref = {name: t.clone() for name, t in c.items()}
-        quantize_prompt_reference(k, v, slots, *store(ref), bits, bits, G, 4)
-        quantize_prompt(k, v, slots, *store(c), bits, bits, G, 4)
+        quantize_prompt_reference(k, v, prompts, count, *store(ref), bits, bits, G, 4)
+        quantize_prompt(k, v, prompts, count, *store(c), bits, bits, G, 4)
         exact = same_bits(c, ref)
         # plain do_bench (launches included): the reference is dozens of kernels, as prefill runs it
-        t_ref = triton.testing.do_bench(lambda: quantize_prompt_reference(k, v, slots, *store(ref), bits, bits, G, 4))
-        t_tri = triton.testing.do_bench(lambda: quantize_prompt(k, v, slots, *store(c), bits, bits, G, 4))
+        t_ref = triton.testing.do_bench(lambda: quantize_prompt_reference(k, v, prompts, count, *store(ref), bits, bits,
+                                                                          G, 4))
+        t_tri = triton.testing.do_bench(lambda: quantize_prompt(k, v, prompts, count, *store(c), bits, bits, G, 4))
         prompt_rows.append((bits, t_ref * 1e3, t_tri * 1e3, exact))
         del c, ref
 
@@ -302,7 +305,8 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for bits, t_due, t_none, exact in flush_rows:
         print(f"| {bits}/{bits} | {t_due:.1f} | {t_none:.1f} | {exact} |")
-    print(f"\nprompt quantization, {T} tokens, H={H} D={D} bf16, 4 sinks, one layer (launches included)")
+    print(f"\nprompt quantization, {n_prompts} prompts of {length} tokens packed ({count} of each quantized), "
+          f"H={H} D={D} bf16, 4 sinks, one layer (launches included)")
     print("| bits | reference us | Triton us | speedup | bit-exact vs reference |")
     print("| --- | --- | --- | --- | --- |")
     for bits, t_ref, t_tri, exact in prompt_rows:

@@ -6,7 +6,7 @@ import torch
 
 from checkpoint import convert_hf, expected_shapes, load_checkpoint, resolve_checkpoint
 from engine import LLM, setup_caches
-from kivi_cache import CacheConfig
+from kivi_cache import CacheConfig, PackedPrompts
 from model import ModelArgs, Transformer, build_model, windowed_attention
 from planner import weight_bytes
 from test_checkpoint import write_tiny_tokenizer
@@ -134,7 +134,7 @@ def test_windowed_packed_prefill_equals_full_forward(hf_family):
     prompts = [torch.randint(0, VOCAB, (1, n), generator=gen) for n in (3 * WINDOW + 1, WINDOW - 5, 2 * WINDOW)]
     setup_caches(model, CacheConfig("fp16"), 3, 3 * WINDOW + 1)
     with torch.inference_mode():
-        last = model(torch.cat(prompts, 1), slots=torch.tensor([1, 0, 2]), seq_lens=[p.shape[1] for p in prompts],
+        last = model(torch.cat(prompts, 1), prompts=PackedPrompts([1, 0, 2], [p.shape[1] for p in prompts], "cpu"),
                      last_only=True)[0]
         full = torch.cat([model(p)[:, -1] for p in prompts])
     assert (last - full).abs().max().item() < 1e-5

@@ -299,34 +299,43 @@ def test_flush(D, G, bits, S, dtype, const):
 
 @pytest.mark.parametrize("D, G, bits, S, dtype, const", QUANTIZE_CASES)
 def test_quantize_prompt(D, G, bits, S, dtype, const):
-    """Bit for bit: 3 groups of 2 prompts into slots 3 and 0 of 4, from k, v laid out
-    [n, T, H, D] as the model makes them (strided views); the other slots and the store past
-    the prompt untouched."""
+    """Bit for bit: three prompts packed along one token axis, k, v [N, H, D] strided views
+    as the model makes them, into slots 3, 0 and 1 of 4: 3 groups and 1 group with tokens left
+    over, and a prompt too short for a group; the other slot, the leftover tokens' positions
+    and the short prompt's slot untouched."""
     if dtype not in EXACT_DTYPES:
         pytest.skip("the Triton interpreter truncates fp32 -> bf16; bf16 is checked on CUDA")
     bits_k, bits_v = bits
-    B, H, T, L = 4, 2, 3 * G, 5 * G
+    B, H, L = 4, 2, 5 * G
+    lengths, slots, counts = [3 * G + 5, G + 1, G - 1], [3, 0, 1], [3 * G, G, 0]
     g = torch.Generator().manual_seed(3)
-    k, v = (x.transpose(1, 2) for x in random_kv((2, T, H), D, G, const, dtype, g))  # [2, H, T, D]
+    k_all, v_all = random_kv((sum(lengths), 2 * H), D, G, const, dtype, g)
+    k, v = k_all[:, H:], v_all[:, :H]  # [N, H, D], a token's heads one run of a wider row
+    firsts = [0, lengths[0], lengths[0] + lengths[1]]
+    prompts = torch.tensor([list(row) for row in zip(firsts, slots, counts)], dtype=torch.int32, device=DEVICE)
     bufs = random_store(B, H, L, D, G, bits_k, bits_v, dtype, g)
+    before = [t.clone() for t in bufs]
     want = [t.clone() for t in bufs]
-    slots = torch.tensor([3, 0], device=DEVICE)
-    quantize_prompt_reference(k, v, slots, *want, bits_k, bits_v, G, S)
-    quantize_prompt(k, v, slots, *bufs, bits_k, bits_v, G, S)
+    quantize_prompt_reference(k, v, prompts, 3 * G, *want, bits_k, bits_v, G, S)
+    quantize_prompt(k, v, prompts, 3 * G, *bufs, bits_k, bits_v, G, S)
     assert_same_bits(bufs, want)
+    assert_same_bits([t[1:3] for t in bufs], [t[1:3] for t in before])  # the short prompt's slot, the other
+    for slot, count in ((3, 3 * G), (0, G)):  # past each count: packed rows, key groups, value columns
+        assert_same_bits([bufs[0][slot, :, count:], bufs[1][slot, :, count // G:], bufs[4][slot, ..., count:]],
+                         [before[0][slot, :, count:], before[1][slot, :, count // G:], before[4][slot, ..., count:]])
 
 
 def test_quantize_prompt_bad_input():
-    """Wrong dtype, a prompt longer than the store, slots of the wrong length: clear errors, no launch."""
+    """Wrong dtype, more tokens than the store holds, a prompt table of the wrong type: clear errors, no launch."""
     g = torch.Generator().manual_seed(4)
     B, H, D, G, L = 2, 2, 64, 32, 2 * 32
     bufs = random_store(B, H, L, D, G, 2, 2, torch.float16, g)
-    k = torch.randn(1, H, G, D, generator=g).half().to(DEVICE)
-    slots = torch.tensor([1], device=DEVICE)
+    k = torch.randn(G, H, D, generator=g).half().to(DEVICE)
+    prompts = torch.tensor([[0, 1, G]], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="dtype"):
-        quantize_prompt(k.float(), k.float(), slots, *bufs, 2, 2, G, 0)
-    long = torch.randn(1, H, L + G, D, generator=g).half().to(DEVICE)
+        quantize_prompt(k.float(), k.float(), prompts, G, *bufs, 2, 2, G, 0)
+    long = torch.randn(L + G, H, D, generator=g).half().to(DEVICE)
     with pytest.raises(ValueError, match="within"):
-        quantize_prompt(long, long, slots, *bufs, 2, 2, G, 0)
-    with pytest.raises(ValueError, match="slots"):
-        quantize_prompt(k, k, torch.tensor([0, 1], device=DEVICE), *bufs, 2, 2, G, 0)
+        quantize_prompt(long, long, prompts, L + G, *bufs, 2, 2, G, 0)
+    with pytest.raises(ValueError, match="prompts"):
+        quantize_prompt(k, k, prompts.long(), G, *bufs, 2, 2, G, 0)

@@ -18,6 +18,7 @@ from kernels.reference import CHUNK_TOKENS
 from kivi_cache import (
     CacheConfig,
     KiviCache,
+    PackedPrompts,
     StaticCache,
     cache_bytes,
     check_kivi_config,
@@ -35,6 +36,12 @@ def make_cache(mode, max_batch, n_kv_heads, head_dim, max_seq_len, dtype, device
 
 
 STORE = ("k_packed", "k_scale", "k_min", "v_packed", "v_scale", "v_min")
+
+
+def prefill(cache, slots: list[int], k, v) -> None:
+    """Prefill prompts of one length, k, v [n, H, T, D], into slots, packed as the model packs them."""
+    n, H, T, D = k.shape
+    cache.prefill(PackedPrompts(slots, [T] * n, k.device), *(x.transpose(1, 2).reshape(n * T, H, D) for x in (k, v)))
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -167,9 +174,9 @@ def test_cache_contents_and_attention_match_flush_rule_simulation(G, R, bits_k, 
     cache = KiviCache(B, H, D, max_len, bits_k, bits_v, G, R, S, dtype)
     sims = [SlotSim(G, R, S, bits_k, bits_v) for _ in range(B)]
 
-    def prefill(slots, T):
+    def prefill_slots(slots, T):
         k, v = kv_tokens(gen, (len(slots), H, T, D), dtype), kv_tokens(gen, (len(slots), H, T, D), dtype)
-        cache.prefill(torch.tensor(slots), k, v)
+        prefill(cache, slots, k, v)
         for i, b in enumerate(slots):  # a reset: the slot now holds this prompt only
             sims[b].reset()
             for t in range(T):
@@ -189,7 +196,7 @@ def test_cache_contents_and_attention_match_flush_rule_simulation(G, R, bits_k, 
             assert err <= attention_tol(q[b], K, V, dtype), f"slot {b}: attention"
 
     for b, T in enumerate(data.draw(st.lists(st.integers(1, max_len - 1), min_size=B, max_size=B), label="prompts")):
-        prefill([b], T)
+        prefill_slots([b], T)
     ops = data.draw(st.lists(st.one_of(
         st.tuples(st.just("prefill"), st.lists(st.integers(0, B - 1), min_size=1, max_size=B, unique=True),
                   st.integers(1, max_len - 1)),
@@ -197,7 +204,7 @@ def test_cache_contents_and_attention_match_flush_rule_simulation(G, R, bits_k, 
     ), min_size=1, max_size=5), label="ops")
     for op in ops:
         if op[0] == "prefill":
-            prefill(op[1], op[2])
+            prefill_slots(op[1], op[2])
         else:
             for _ in range(min(op[1], max_len - max(len(s.k) for s in sims))):
                 decode_step()
@@ -232,7 +239,7 @@ def test_prefill_leaves_the_state_of_T_decode_appends(T_offset):
     k, v = kv_tokens(gen, (1, H, T, D)), kv_tokens(gen, (1, H, T, D))
     a = KiviCache(1, H, D, T + 1, 2, 2, G, R, S, torch.float32)
     b = KiviCache(1, H, D, T + 1, 2, 2, G, R, S, torch.float32)
-    a.prefill(torch.tensor([0]), k, v)
+    prefill(a, [0], k, v)
     q = kv_tokens(gen, (1, 2 * H, D))
     for t in range(T):
         b.decode(q, k[:, :, t], v[:, :, t], torch.tensor([t]))
@@ -251,7 +258,7 @@ def fill_kivi(cache, data_for_slot, prompt_lens, steps, gen, Hq):
     """Prefill each slot separately, then `steps` decode appends of all slots. Returns the outputs."""
     H, D = cache.k_ring.shape[1], cache.k_ring.shape[3]
     for b, T in enumerate(prompt_lens):
-        cache.prefill(torch.tensor([b]), data_for_slot(b, (1, H, T, D)), data_for_slot(b, (1, H, T, D)))
+        prefill(cache, [b], data_for_slot(b, (1, H, T, D)), data_for_slot(b, (1, H, T, D)))
     pos = torch.tensor(prompt_lens)
     outs = []
     for _ in range(steps):
@@ -282,7 +289,7 @@ def test_huge_values_in_one_slot_do_not_change_another_slots_state(together):
         if together:  # both prompts in one prefill call (one batched quantize)
             k = torch.cat([data(0, (1, H, 40, D)), data(1, (1, H, 40, D))])
             v = torch.cat([data(0, (1, H, 40, D)), data(1, (1, H, 40, D))])
-            cache.prefill(torch.tensor([0, 1]), k, v)
+            prefill(cache, [0, 1], k, v)
             outs, pos = [], torch.tensor([40, 40])
             for _ in range(30):
                 q = kv_tokens(gen, (2, Hq, D))
@@ -317,7 +324,7 @@ def test_each_stored_group_holds_exactly_its_own_sequences_G_real_tokens():
     lens = [53, 7]
     for b, T in enumerate(lens):
         k, v = data(b, (1, H, T, D)), data(b, (1, H, T, D))
-        cache.prefill(torch.tensor([b]), k, v)
+        prefill(cache, [b], k, v)
         seq[b] = [(k[0, :, t], v[0, :, t]) for t in range(T)]
     pos = torch.tensor(lens)
     gen = torch.Generator().manual_seed(13)
@@ -369,7 +376,7 @@ def test_no_group_is_quantized_before_it_holds_G_real_tokens(S):
 
     lens = [R + G + 5, 7]  # 53: one whole group past the ring, 5 tokens of a partial one
     for b, T in enumerate(lens):
-        cache.prefill(torch.tensor([b]), kv_tokens(gen, (1, H, T, D)), kv_tokens(gen, (1, H, T, D)))
+        prefill(cache, [b], kv_tokens(gen, (1, H, T, D)), kv_tokens(gen, (1, H, T, D)))
     check(lens)
     pos = torch.tensor(lens)
     for _ in range(60):
@@ -391,7 +398,7 @@ def test_constant_groups_in_the_cache_dequantize_to_their_value(bits_k, bits_v):
     v[0, :, 7, :] = -1.5  # every value group of token 7 constant
     k[1], v[1] = -0.625, -0.375  # slot 1: everything one value
     cache = KiviCache(2, H, D, T + 2 * G, bits_k, bits_v, G, R, 0, torch.float32)
-    cache.prefill(torch.tensor([0, 1]), k, v)
+    prefill(cache, [0, 1], k, v)
     pos = torch.tensor([T, T])
     for _ in range(G):  # more flushes, slot 1 still constant
         q = kv_tokens(gen, (2, 2 * H, D))
@@ -422,7 +429,7 @@ def test_cache_store_holds_max_codes_beside_zero_codes_without_spill(bits):
     k = k.expand(1, H, 2 * G, D).contiguous()
     v = k.flip(-1).contiguous()
     cache = KiviCache(1, H, D, 3 * G, bits, bits, G, R, 0, torch.float32)
-    cache.prefill(torch.tensor([0]), k, v)
+    prefill(cache, [0], k, v)
     nq = n_q_of(2 * G, R, G)
     assert nq == 2 * G
     K, V = cache_view(cache, 0, 2 * G)
@@ -484,7 +491,7 @@ def test_decode_attention_equals_dense_dequantize_then_attend(bits_k, bits_v, Hq
     gen = torch.Generator().manual_seed(41)
     cache = KiviCache(B, H, D, 120, bits_k, bits_v, G, R, S, torch.float32)
     for b, T in enumerate(lens):
-        cache.prefill(torch.tensor([b]), kv_tokens(gen, (1, H, T, D)), kv_tokens(gen, (1, H, T, D)))
+        prefill(cache, [b], kv_tokens(gen, (1, H, T, D)), kv_tokens(gen, (1, H, T, D)))
     pos = torch.tensor(lens)
     for _ in range(45):
         q = kv_tokens(gen, (B, Hq, D))
@@ -504,8 +511,8 @@ def test_kivi_attention_equals_static_cache_while_nothing_is_quantized(S):
     fp = StaticCache(3, H, D, 80, torch.float32)
     for b, T in enumerate(lens):
         k, v = kv_tokens(gen, (1, H, T, D)), kv_tokens(gen, (1, H, T, D))
-        kivi.prefill(torch.tensor([b]), k, v)
-        fp.prefill(torch.tensor([b]), k, v)
+        prefill(kivi, [b], k, v)
+        prefill(fp, [b], k, v)
     pos = torch.tensor(lens)
     while int(pos.max()) < R - 1:  # lengths stay below R: nothing quantized
         q, k, v = kv_tokens(gen, (3, Hq, D)), kv_tokens(gen, (3, H, D)), kv_tokens(gen, (3, H, D))
@@ -535,7 +542,7 @@ def test_decode_attention_reference_reads_a_long_cache_chunk_by_chunk(monkeypatc
     T = 2 * CHUNK_TOKENS + 100
     gen = torch.Generator().manual_seed(61)
     cache = KiviCache(1, H, D, T + 1, 2, 2, G, R, 3, torch.float32)
-    cache.prefill(torch.tensor([0]), kv_tokens(gen, (1, H, T, D)), kv_tokens(gen, (1, H, T, D)))
+    prefill(cache, [0], kv_tokens(gen, (1, H, T, D)), kv_tokens(gen, (1, H, T, D)))
     q = kv_tokens(gen, (1, Hq, D))
     out = cache.decode(q, kv_tokens(gen, (1, H, D)), kv_tokens(gen, (1, H, D)), torch.tensor([T]))
     K, V = cache_view(cache, 0, T + 1)
@@ -550,7 +557,7 @@ def test_decode_attention_reference_long_fp_ring_matches_dense():
     gen = torch.Generator().manual_seed(62)
     fp = StaticCache(1, H, D, T + 1, torch.float32)
     k, v = kv_tokens(gen, (1, H, T, D)), kv_tokens(gen, (1, H, T, D))
-    fp.prefill(torch.tensor([0]), k, v)
+    prefill(fp, [0], k, v)
     q, kn, vn = kv_tokens(gen, (1, Hq, D)), kv_tokens(gen, (1, H, D)), kv_tokens(gen, (1, H, D))
     out = fp.decode(q, kn, vn, torch.tensor([T]))
     K, V = torch.cat([k[0], kn[0][:, None]], 1), torch.cat([v[0], vn[0][:, None]], 1)
