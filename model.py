@@ -439,7 +439,7 @@ class Transformer(nn.Module):
             if B != 1 or sum(seq_lens) != T:
                 raise ValueError(f"prefill packs prompts in one row: tokens {list(tokens.shape)}, "
                                  f"lengths summing to {sum(seq_lens)}")
-            positions = torch.cat([torch.arange(n) for n in seq_lens]).to(tokens.device)[None]
+            positions = prompts.part([0] * len(seq_lens), seq_lens)[2][None]  # the plain cache's write indices too
             seq_len = torch.cat([torch.full((n,), n) for n in seq_lens]).to(tokens.device)[None]
         else:
             positions = torch.arange(T, device=tokens.device)[None]
