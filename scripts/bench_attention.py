@@ -263,7 +263,7 @@ def main() -> None:
                            exact))
         del c, ref
 
-    # prefill's quantization of 8 packed 1000-token prompts (928 tokens of each quantized) into
+    # prefill's quantization of 8 packed 1000-token prompts (896 tokens of each quantized) into
     # slots 0..7, k and v as the model makes them ([N, H, D] views of the q, k, v projection), 4 sinks
     n_prompts, length, H, D = 8, 1000, 32, 128
     count = n_quantized(length, R, G)
