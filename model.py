@@ -469,5 +469,24 @@ def build_model(args: ModelArgs, state_dict: dict[str, Tensor] | None, device: t
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype)
+    if device.type == "cpu" and dtype == torch.float32:
+        use_cpu_layout(model)
     model.inv_freq = rope_frequencies(args).to(device)
     return model.eval().requires_grad_(False)
+
+
+def use_cpu_layout(model: Transformer) -> None:
+    """Store the float32 weight matrices with at least as many outputs as inputs (qkv, gate/up,
+    a square output projection, the head, with a tied embedding) column-major: the transpose of
+    a contiguous [in, out] matrix, same shape and values. With MKL on a 2-core AMD EPYC a
+    single token's matrix-vector products then stream those weights at 13-26 GB/s instead of
+    11.5-12 (the embedded model's products 28.2 ms a token instead of 42.3, the head's 4.4
+    instead of 9.3; `python benchmarks/cpu_layout.py`); narrower matrices (the MLP's down
+    projection) are faster row-major, and so is bfloat16. Steps of 2 rows gain more (1.73x),
+    of 4 to 64 rows lose 4-10%: the CPU's default batch is at most 8, its main use one sequence."""
+    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    if model.output is None:  # the tied head is the embedding
+        matrices.append(model.tok_embeddings.weight)
+    for weight in matrices:
+        if weight.shape[0] >= weight.shape[1]:
+            weight.data = weight.data.T.contiguous().T

@@ -77,6 +77,23 @@ def test_logits_match_transformers_at_every_position(hf_family, name):
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2-tied"])
+def test_cpu_float32_matrices_with_as_many_outputs_as_inputs_are_column_major(hf_family, name):
+    path, _ = hf_family(name)
+    args, state_dict = load_checkpoint(resolve_checkpoint(str(path)), "cpu", torch.float32)
+    model = build_model(args, dict(state_dict), torch.device("cpu"), torch.float32)
+    params = dict(model.named_parameters())
+    matrices = [n for n, p in params.items() if p.ndim == 2]
+    assert "feed_forward.w2" in " ".join(matrices) and ("output.weight" in params) == (name == "llama")
+    for n in matrices:
+        weight = params[n]
+        wide = weight.shape[0] >= weight.shape[1] and not (n == "tok_embeddings.weight" and "output.weight" in params)
+        assert weight.T.is_contiguous() if wide else weight.is_contiguous(), n
+        assert torch.equal(weight, state_dict[n]), n
+    bf16 = build_model(args, dict(state_dict), torch.device("cpu"), torch.bfloat16)
+    assert all(p.is_contiguous() for p in bf16.parameters())
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_loading_the_directory_equals_converting_it_first(hf_family, name, tmp_path):
     path, _ = hf_family(name)
